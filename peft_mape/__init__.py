@@ -1,0 +1,1 @@
+"""peft-mape: module-aware parameter-efficient machine unlearning for PEFT."""
