@@ -1,1 +1,21 @@
-"""peft-mape: module-aware parameter-efficient machine unlearning for PEFT."""
+"""peft-mape: module-aware parameter-efficient machine unlearning (MAPE-Unlearn) for PEFT.
+
+``import peft_mape`` adds ``PeftType.MAPE`` and registers :class:`MAPEConfig` /
+:class:`MAPEModel`, so ``get_peft_model(model, MAPEConfig())`` returns a PeftModel whose
+``unlearn(forget, retain)`` erases the forget set by updating only a few attention heads and
+FFN filters, and whose adapters save and load like any PEFT adapter.
+"""
+
+from .config import MAPEConfig
+from .layer import MAPELayer
+from .model import MAPEModel
+from .registration import ensure_peft_type, register_mape
+from .report import UnlearnReport
+from .saving import install_atomic_save
+from .unlearn import DEFAULT_METHOD, METHODS
+
+register_mape(MAPEConfig, MAPEModel)
+install_atomic_save()
+
+__all__ = ["MAPEConfig", "MAPEModel", "MAPELayer", "UnlearnReport", "METHODS", "DEFAULT_METHOD", "ensure_peft_type"]
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""``MAPEConfig``: the adapter configuration of a MAPE-Unlearn request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import ensure_peft_type
+
+UNIT_CHOICES = ("heads", "filters", "both")
+ACCOUNTING_CHOICES = ("per_type", "pooled", "param_weighted")
+OBJECTIVE_CHOICES = ("mlr",)
+SCOPE_CHOICES = ("unit", "output_side")
+
+
+@dataclass
+class MAPEConfig(PeftConfig):
+    """Configuration of a MAPE-Unlearn adapter.
+
+    A MAPE adapter holds one unlearning request: the selection of attention heads and FFN
+    filters found by the mask search, and a dense fp32 delta over the parameters those units
+    own. Before ``unlearn()`` runs, the adapter is empty and the model is unchanged.
+
+    Architecture fields (``layers_path`` ... ``num_key_value_heads``) are filled from
+    ``model.config.model_type`` for the supported families (bert, roberta, distilbert, gpt2,
+    llama, mistral, qwen2, vit); set them to use any other Transformer.
+    """
+
+    sparsity: float = field(
+        default=0.9,
+        metadata={"help": "Fraction of units left frozen (0 < sparsity < 1); 0.9 updates 10%."},
+    )
+    units: str = field(
+        default="both",
+        metadata={"help": "Which units may be selected: 'heads', 'filters' or 'both'."},
+    )
+    sparsity_accounting: str = field(
+        default="per_type",
+        metadata={
+            "help": "How the budget is counted: 'per_type' (the ratio holds separately for heads "
+            "and filters, whose scores live on different scales), 'pooled' (one ranking over all "
+            "units, the paper's literal constraint) or 'param_weighted' (budget in parameters)."
+        },
+    )
+    objective: str = field(
+        default="mlr",
+        metadata={"help": "Mask-search objective: 'mlr' (minimise the retain loss, SPEC §3)."},
+    )
+    rearrangement_rounds: int = field(
+        default=1,
+        metadata={"help": "Rounds of greedy block-diagonal rearrangement after the warm start."},
+    )
+    update_scope: str = field(
+        default="unit",
+        metadata={
+            "help": "'unit': a head owns its Q/K/V rows and output-projection columns, a filter its "
+            "up/gate rows and down-projection column. 'output_side': only the output-projection "
+            "and down-projection columns are updated."
+        },
+    )
+    max_retain_examples: int = field(
+        default=1024,
+        metadata={"help": "Size of the retain sample used for statistics, so cost does not grow with |D_r|."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Filled automatically: a regex matching the projections MAPE wraps."},
+    )
+    layers_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Dotted path (or its suffix) of the ModuleList of Transformer blocks, e.g. 'model.layers'."},
+    )
+    q_proj: Optional[str] = field(default=None, metadata={"help": "Query projection, relative to a block."})
+    k_proj: Optional[str] = field(default=None, metadata={"help": "Key projection, relative to a block."})
+    v_proj: Optional[str] = field(default=None, metadata={"help": "Value projection, relative to a block."})
+    qkv_proj: Optional[str] = field(
+        default=None, metadata={"help": "Fused Q|K|V projection (GPT-2 'attn.c_attn'), instead of q/k/v."}
+    )
+    o_proj: Optional[str] = field(
+        default=None, metadata={"help": "Attention output projection; its input is split into head blocks."}
+    )
+    up_proj: Optional[str] = field(default=None, metadata={"help": "FFN up (input) projection."})
+    gate_proj: Optional[str] = field(default=None, metadata={"help": "FFN gate projection (SwiGLU), if any."})
+    down_proj: Optional[str] = field(
+        default=None, metadata={"help": "FFN down (output) projection; each input feature is a filter."}
+    )
+    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Query heads per block."})
+    num_key_value_heads: Optional[int] = field(
+        default=None, metadata={"help": "Key/value heads per block (GQA); defaults to num_attention_heads."}
+    )
+    selection: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Written by unlearn(): {'heads': {layer: [head, ...]}, 'filters': {layer: [filter, ...]}}. "
+            "Recorded so that delta shapes can be rebuilt on load."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # The enum member, not a string: transformers' load_adapter calls `.value` on it.
+        self.peft_type = ensure_peft_type()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 < float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must be strictly between 0 and 1, got {self.sparsity!r}")
+        _check_choice("units", self.units, UNIT_CHOICES)
+        _check_choice("sparsity_accounting", self.sparsity_accounting, ACCOUNTING_CHOICES)
+        _check_choice("objective", self.objective, OBJECTIVE_CHOICES)
+        _check_choice("update_scope", self.update_scope, SCOPE_CHOICES)
+        if int(self.rearrangement_rounds) < 0:
+            raise ValueError(f"rearrangement_rounds must be >= 0, got {self.rearrangement_rounds}")
+        if int(self.max_retain_examples) < 1:
+            raise ValueError(f"max_retain_examples must be >= 1, got {self.max_retain_examples}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,233 @@
+"""Turn user inputs into model-ready example lists, batches and per-example losses.
+
+``forget``/``retain`` may be a ``datasets.Dataset``, a torch ``Dataset`` of model-ready dicts
+or a ``DataLoader`` of dict batches. They are materialised as lists of per-example tensors
+(the retain side capped at a seeded sample), so that duplicates can be found and batches
+re-made with our own padding collator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import random
+import warnings
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+Example = dict[str, torch.Tensor]
+# Fill values when padding variable-length sequences; labels use the loss ignore index.
+PAD_VALUES = {"labels": -100, "attention_mask": 0}
+FORWARD_ALIASES = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "labels"}
+
+
+def forward_arguments(model: torch.nn.Module) -> set[str]:
+    """Names the (base) model's forward accepts, to drop dataset columns such as ``text``."""
+    base = model
+    while hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return set(FORWARD_ALIASES)
+    return set(params) | {"labels"}
+
+
+def _as_tensor(value) -> Optional[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float, bool)):
+        return torch.tensor(value)
+    if isinstance(value, (list, tuple)) and value and not isinstance(value[0], str):
+        return torch.as_tensor(value)
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value)
+    except ImportError:  # numpy is a torch dependency, but stay safe
+        pass
+    return None
+
+
+def _clean(example: dict, allowed: set[str]) -> Example:
+    out = {}
+    for key, value in example.items():
+        if key not in allowed:
+            continue
+        tensor = _as_tensor(value)
+        if tensor is not None:
+            out[key] = tensor
+    return out
+
+
+def materialise(source, allowed: set[str], *, limit: Optional[int] = None, seed: int = 0, what: str) -> list[Example]:
+    """List of per-example tensor dicts from a Dataset/DataLoader; at most ``limit`` (seeded sample)."""
+    if source is None:
+        return []
+    if isinstance(source, DataLoader) or (not hasattr(source, "__getitem__") and hasattr(source, "__iter__")):
+        examples = []
+        for batch in source:
+            if not isinstance(batch, dict):
+                raise TypeError(f"{what}: a DataLoader must yield dict batches, got {type(batch).__name__}")
+            rows = _split_batch(batch, allowed)
+            examples.extend(rows)
+            if limit is not None and len(examples) >= 4 * limit:
+                break
+        if limit is not None and len(examples) > limit:
+            examples = random.Random(seed).sample(examples, limit)
+        return examples
+    if not hasattr(source, "__len__"):
+        raise TypeError(f"{what}: expected a datasets.Dataset, a torch Dataset or a DataLoader, got {type(source).__name__}")
+    indices = list(range(len(source)))
+    if limit is not None and len(indices) > limit:
+        indices = sorted(random.Random(seed).sample(indices, limit))
+    examples = []
+    for i in indices:
+        item = source[i]
+        if not isinstance(item, dict):
+            raise TypeError(f"{what}: examples must be dicts of model inputs, got {type(item).__name__}")
+        examples.append(_clean(item, allowed))
+    return examples
+
+
+def _split_batch(batch: dict, allowed: set[str]) -> list[Example]:
+    tensors = {k: _as_tensor(v) for k, v in batch.items() if k in allowed}
+    tensors = {k: v for k, v in tensors.items() if v is not None and v.dim() >= 1}
+    if not tensors:
+        return []
+    size = next(iter(tensors.values())).shape[0]
+    return [{k: v[i] for k, v in tensors.items()} for i in range(size)]
+
+
+def validate_examples(examples: Sequence[Example], what: str, needs_labels: bool) -> None:
+    if len(examples) == 0:
+        raise ValueError(f"the {what} set is empty: unlearning needs at least one {what} example")
+    keys = set(examples[0])
+    if not ({"input_ids", "pixel_values", "inputs_embeds"} & keys):
+        raise ValueError(
+            f"{what} examples are not model-ready: found fields {sorted(keys)}; expected input_ids "
+            "(+attention_mask, labels) or pixel_values (+labels). Tokenize the dataset first."
+        )
+    if needs_labels and "labels" not in keys:
+        raise ValueError(
+            f"{what} examples yield no loss: they have no 'labels' field (found {sorted(keys)}); "
+            "add labels or pass loss_fn=..."
+        )
+
+
+def fingerprint(example: Example) -> str:
+    """Content hash of an example (keys, shapes and values), padding excluded."""
+    digest = hashlib.sha256()
+    mask = example.get("attention_mask")
+    for key in sorted(example):
+        value = example[key]
+        if mask is not None and value.dim() >= 1 and value.shape[0] == mask.shape[0] and key != "attention_mask":
+            value = value[mask.bool()]
+        digest.update(key.encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def drop_overlap(retain: list[Example], forget: list[Example]) -> list[Example]:
+    """Remove from ``retain`` the examples identical to a forget example, with a warning."""
+    forget_prints = {fingerprint(e) for e in forget}
+    kept = [e for e in retain if fingerprint(e) not in forget_prints]
+    if len(kept) != len(retain):
+        warnings.warn(
+            f"{len(retain) - len(kept)} retain example(s) are identical to forget examples; "
+            "they were dropped from the retain set",
+            UserWarning,
+            stacklevel=3,
+        )
+    return kept
+
+
+def pad_collate(examples: Sequence[Example], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack examples, right-padding 1-D sequences of unequal length."""
+    batch = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if all(v.shape == values[0].shape for v in values):
+            batch[key] = torch.stack(values)
+            continue
+        if any(v.dim() != 1 for v in values):
+            raise ValueError(f"cannot pad field '{key}': only 1-D sequences can be padded")
+        fill = PAD_VALUES.get(key, pad_token_id if key == "input_ids" else 0)
+        length = max(v.shape[0] for v in values)
+        batch[key] = torch.stack([F.pad(v, (0, length - v.shape[0]), value=fill) for v in values])
+    return batch
+
+
+def make_loader(examples: list[Example], batch_size: int, pad_token_id: int = 0, shuffle: bool = False, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        examples,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=lambda rows: pad_collate(rows, pad_token_id),
+    )
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+LossFn = Callable[[object, dict], torch.Tensor]
+
+
+def default_per_example_loss(outputs, batch: dict) -> torch.Tensor:
+    """Per-example loss consistent with the model's own ``outputs.loss``.
+
+    Sequence-level logits [B, C]: cross-entropy (MSE when C == 1). Token-level logits [B, T, V]
+    with token labels: causal-LM cross-entropy (labels shifted by one, -100 ignored) averaged
+    over each example's own answer tokens. The sum over a batch is what one backward pass
+    differentiates, so every example's gradient is its own (examples never interact).
+    """
+    logits = outputs.logits
+    if logits.dtype in (torch.float16, torch.bfloat16):  # losses in at least fp32
+        logits = logits.float()
+    labels = batch["labels"]
+    if logits.dim() == 2:
+        if logits.shape[-1] == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
+        return F.cross_entropy(logits, labels.long(), reduction="none")
+    if logits.dim() == 3 and labels.dim() == 2:
+        shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
+        token_loss = F.cross_entropy(
+            shifted_logits.transpose(1, 2), shifted_labels.long(), ignore_index=-100, reduction="none"
+        )
+        valid = (shifted_labels != -100).to(token_loss.dtype)
+        counts = valid.sum(1)
+        if (counts == 0).any():
+            raise ValueError("some examples yield no loss: every label token is -100 (masked)")
+        return (token_loss * valid).sum(1) / counts
+    raise ValueError(
+        f"cannot derive per-example losses from logits of shape {tuple(logits.shape)} and labels of "
+        f"shape {tuple(labels.shape)}; pass loss_fn(outputs, batch) -> tensor[batch]"
+    )
+
+
+def per_example_losses(model, batch: dict, loss_fn: Optional[LossFn]) -> torch.Tensor:
+    """Run the model on ``batch`` and return finite per-example losses [B]."""
+    outputs = model(**batch)
+    losses = (loss_fn or default_per_example_loss)(outputs, batch)
+    batch_size = next(iter(batch.values())).shape[0]
+    if not isinstance(losses, torch.Tensor) or losses.shape != (batch_size,):
+        raise ValueError(
+            f"the loss function must return one loss per example (shape [{batch_size}]), got "
+            f"{getattr(losses, 'shape', type(losses).__name__)}"
+        )
+    if not torch.isfinite(losses).all():
+        raise FloatingPointError(f"non-finite loss (NaN or inf) on {int((~torch.isfinite(losses)).sum())} example(s)")
+    return losses
+
+
+def iterate_batches(loader: Iterable, device) -> Iterable[dict]:
+    for batch in loader:
+        yield to_device(batch, device)

@@ -1,0 +1,184 @@
+"""The layer MAPE injects around each Q/K/V/O and FFN projection.
+
+Per adapter it stores the indices the selected units own (output rows or input columns,
+depending on the projection's role) and a dense fp32 delta over exactly those slices:
+
+- role "rows": delta [k, in] (+ bias delta [k]); y[..., idx] += x @ delta.T
+- role "cols": delta [out, k];                 y += x[..., idx] @ delta.T
+
+so trainable parameters, optimizer state and the saved artifact scale with the selection.
+
+Two temporary modes serve the statistics passes, and neither changes the forward values:
+- *gates*: on the input of a "cols" projection (attention output / FFN down), the input is
+  multiplied by a per-example gate of ones, shape [batch, units]. Its gradient is the
+  per-example mask gradient dl/dm_u = sum_tokens <a_u, dl/da_u> (SPEC §2). Multiplying by 1.0
+  is exact in IEEE arithmetic, so outputs are bit-identical.
+- *per-example deltas*: the adapter's delta is replaced by a [batch, ...] copy, so one
+  backward pass of the summed per-example losses yields every example's own gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .architectures import ROLE_ROWS, projection_features
+
+
+class MAPELayer(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("mape_delta", "mape_bias")
+    other_param_names = ("mape_index",)
+
+    def __init__(self, base_layer: nn.Module, role: str, gated_units: Optional[int] = None, **kwargs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.role = role
+        self.gated_units = gated_units
+        self.in_features, self.out_features = projection_features(base_layer)
+        self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        self.mape_delta = nn.ParameterDict()
+        self.mape_bias = nn.ParameterDict()
+        self.mape_index = BufferDict(persistent=True)
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._gate: Optional[torch.Tensor] = None
+        self._per_example: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+    # ----------------------------------------------------------------- adapter storage
+    def update_layer(self, adapter_name: str, index: Optional[torch.Tensor]) -> None:
+        """Allocate a zero delta for ``adapter_name`` over ``index`` (or drop it when empty)."""
+        self.remove_adapter_storage(adapter_name)
+        if index is None or index.numel() == 0:
+            return
+        weight = self.get_base_layer().weight
+        # Deltas are fp32 even for half-precision models (fp64 models keep fp64).
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        index = index.to(device=weight.device, dtype=torch.long)
+        k = index.numel()
+        if self.role == ROLE_ROWS:
+            shape = (k, self.in_features)
+            if self.get_base_layer().bias is not None:
+                self.mape_bias[adapter_name] = nn.Parameter(torch.zeros(k, device=weight.device, dtype=dtype))
+        else:
+            shape = (self.out_features, k)
+        self.mape_delta[adapter_name] = nn.Parameter(torch.zeros(shape, device=weight.device, dtype=dtype))
+        self.mape_index[adapter_name] = index
+
+    def remove_adapter_storage(self, adapter_name: str) -> None:
+        for store in (self.mape_delta, self.mape_bias, self.mape_index):
+            if adapter_name in store:
+                del store[adapter_name]
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [store[adapter_name] for store in (self.mape_delta, self.mape_bias) if adapter_name in store]
+
+    # ----------------------------------------------------------------- statistics modes
+    def open_gate(self, batch_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Start gating the input with ones [batch, units]; returns the gate (requires grad)."""
+        self._gate = torch.ones(batch_size, self.gated_units, dtype=dtype, device=device, requires_grad=True)
+        return self._gate
+
+    def close_gate(self) -> None:
+        self._gate = None
+
+    def use_per_example_delta(self, adapter_name: str, batch_size: int) -> list[torch.Tensor]:
+        """Replace the adapter's delta by a per-example copy; returns the tensors to differentiate."""
+        delta = self.mape_delta[adapter_name].detach()
+        bias = self.mape_bias[adapter_name].detach() if adapter_name in self.mape_bias else None
+        per_delta = delta.expand(batch_size, *delta.shape).clone().requires_grad_(True)
+        per_bias = None if bias is None else bias.expand(batch_size, *bias.shape).clone().requires_grad_(True)
+        self._per_example[adapter_name] = (per_delta, per_bias)
+        return [t for t in (per_delta, per_bias) if t is not None]
+
+    def clear_per_example(self) -> None:
+        self._per_example = {}
+
+    # ----------------------------------------------------------------- forward
+    def _apply_gate(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self._gate
+        if gate.shape[0] != x.shape[0]:
+            raise RuntimeError(f"gate batch {gate.shape[0]} does not match input batch {x.shape[0]}")
+        units = self.gated_units
+        view = gate.view(gate.shape[0], *([1] * (x.dim() - 2)), units, 1)
+        return (x.unflatten(-1, (units, x.shape[-1] // units)) * view).flatten(-2)
+
+    def _delta_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        index = self.mape_index[adapter_name]
+        if adapter_name in self._per_example:
+            delta, bias = self._per_example[adapter_name]
+        else:
+            delta = self.mape_delta[adapter_name]
+            bias = self.mape_bias[adapter_name] if adapter_name in self.mape_bias else None
+        per_example = delta.dim() == 3
+        xd = x.to(delta.dtype)
+        if self.role == ROLE_ROWS:
+            if per_example:
+                update = torch.einsum("b...i,bki->b...k", xd, delta)
+            else:
+                update = xd @ delta.T
+            if bias is not None:
+                update = update + (bias.view(bias.shape[0], *([1] * (x.dim() - 2)), -1) if per_example else bias)
+            return result.index_add(-1, index, update.to(result.dtype))
+        xs = xd.index_select(-1, index)
+        if per_example:
+            update = torch.einsum("b...k,bok->b...o", xs, delta)
+        else:
+            update = xs @ delta.T
+        return result + update.to(result.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self._gate is not None:
+            x = self._apply_gate(x)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.mape_delta:
+                result = self._delta_output(x, result, name)
+        return result
+
+    # ----------------------------------------------------------------- merging
+    def _weight_delta(self, adapter_name: str, sign: float) -> None:
+        base = self.get_base_layer()
+        index = self.mape_index[adapter_name]
+        delta = self.mape_delta[adapter_name].detach() * sign
+        weight = base.weight.data
+        # nn.Linear stores [out, in]: rows are axis 0. Conv1D stores [in, out]: everything transposed.
+        axis = 0 if self.role == ROLE_ROWS else 1
+        if self.is_conv1d:
+            axis, delta = 1 - axis, delta.T
+        weight.index_add_(axis, index, delta.to(weight.dtype))
+        if adapter_name in self.mape_bias:
+            bias = self.mape_bias[adapter_name].detach() * sign
+            base.bias.data.index_add_(0, index, bias.to(base.bias.dtype))
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.mape_delta:
+                continue
+            if safe_merge:
+                before = self.get_base_layer().weight.data.clone()
+                self._weight_delta(name, 1.0)
+                if not torch.isfinite(self.get_base_layer().weight).all():
+                    self.get_base_layer().weight.data.copy_(before)
+                    raise ValueError(f"NaNs detected in the merged weights; adapter {name} seems broken")
+            else:
+                self._weight_delta(name, 1.0)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.mape_delta:
+                self._weight_delta(name, -1.0)
+
+    def __repr__(self) -> str:
+        return "mape." + super().__repr__()

@@ -1,0 +1,76 @@
+"""``MAPEModel``: the PEFT ``BaseTuner`` that injects MAPE layers and runs ``unlearn()``."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .architectures import Architecture, owned_indices, resolve_architecture
+from .layer import MAPELayer
+from .registration import MAPE_PREFIX
+
+
+class MAPEModel(BaseTuner):
+    """Wraps every Q/K/V/O and FFN projection of a Transformer in a :class:`MAPELayer`.
+
+    A fresh adapter holds no delta (the model is unchanged); ``unlearn()`` searches the unit
+    selection, allocates deltas over the owned parameters and updates them. The selection is
+    recorded in the adapter's config, so loading rebuilds the delta shapes before the
+    state dict is read.
+    """
+
+    prefix: str = MAPE_PREFIX
+    tuner_layer_cls = MAPELayer
+    target_module_mapping: dict = {}
+
+    def architecture(self, adapter_name: str | None = None) -> Architecture:
+        """The resolved unit structure, using the adapter config's overrides."""
+        config = self.peft_config[adapter_name or self.active_adapters[0]]
+        return resolve_architecture(self.model, config)
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        # The targets are derived from the model itself (not only its model_type), so that
+        # architecture overrides in the config and nested wrappers are handled in one place.
+        arch = resolve_architecture(self.model, peft_config)
+        peft_config.target_modules = arch.target_regex()
+        self._pending_architecture = arch
+        return peft_config
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        arch = getattr(self, "_pending_architecture", None) or resolve_architecture(self.model, peft_config)
+        role, gated_units = arch.roles()[current_key]
+        index = owned_indices(arch, peft_config.selection or {}, peft_config.update_scope).get(current_key)
+        if isinstance(target, MAPELayer):
+            target.update_layer(adapter_name, index)
+            return
+        new_module = MAPELayer(target, role=role, gated_units=gated_units)
+        new_module.update_layer(adapter_name, index)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def mape_layers(self) -> Iterator[tuple[str, MAPELayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, MAPELayer):
+                yield name, module
+
+    def apply_selection(self, adapter_name: str, selection: dict | None) -> None:
+        """Record ``selection`` in the adapter config and (re)allocate zero deltas for it."""
+        config = self.peft_config[adapter_name]
+        config.selection = selection
+        index = owned_indices(self.architecture(adapter_name), selection or {}, config.update_scope)
+        for name, layer in self.mape_layers():
+            layer.update_layer(adapter_name, index.get(name))
+            for param in layer.adapter_parameters(adapter_name):
+                param.requires_grad_(adapter_name in self.active_adapters)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [p for _, layer in self.mape_layers() for p in layer.adapter_parameters(adapter_name)]
+
+    def unlearn(self, forget, retain=None, method: str | None = None, **kwargs):
+        """Erase the influence of ``forget`` into the active adapter; see :func:`peft_mape.unlearn.unlearn`."""
+        from .unlearn import unlearn
+
+        return unlearn(self, forget, retain=retain, method=method, **kwargs)

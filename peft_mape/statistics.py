@@ -1,0 +1,129 @@
+"""Statistics passes over a data loader; none of them changes the model.
+
+- :func:`mask_gradients`: per-example dl/dm_u for every head and filter, from one ordinary
+  backward pass per batch (gates of ones on the unit outputs, see ``layer.py``).
+- :func:`parameter_gradient_sum`: sum over examples of the gradient of the adapter's deltas.
+- :func:`parameter_fisher_diagonal`: mean over examples of the squared per-example gradient
+  of the adapter's deltas (diagonal empirical Fisher), one backward pass per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import per_example_losses, to_device
+
+UNIT_TYPES = ("heads", "filters")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Dropout off while statistics and updates run; the previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class MaskGradients:
+    """Per-example mask gradients: ``per_example[type]`` has shape [examples, layers, units].
+
+    ``losses`` holds each example's loss at the same pass (free: the forward ran anyway).
+    """
+
+    per_example: dict[str, torch.Tensor]
+    losses: torch.Tensor
+
+    def total(self) -> dict[str, torch.Tensor]:
+        """Signed sum over examples (g_f of SPEC §3), [layers, units] per type."""
+        return {k: v.sum(0) for k, v in self.per_example.items()}
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """Diagonal empirical Fisher (mean of squares), [layers, units] per type."""
+        return {k: v.pow(2).mean(0) for k, v in self.per_example.items()}
+
+    @property
+    def num_examples(self) -> int:
+        return next(iter(self.per_example.values())).shape[0]
+
+
+def _gated_layers(tuner) -> dict[str, list]:
+    arch = tuner.architecture()
+    layers = dict(tuner.mape_layers())
+    return {
+        "heads": [layers[b.o_proj] for b in arch.blocks],
+        "filters": [layers[b.down_proj] for b in arch.blocks],
+    }
+
+
+def mask_gradients(tuner, loader, loss_fn=None, *, device, desc="mask gradients", progress=True) -> MaskGradients:
+    """Per-example mask gradients of every head and filter over ``loader``."""
+    gated = _gated_layers(tuner)
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in UNIT_TYPES}
+    losses_seen: list[torch.Tensor] = []
+    try:
+        with eval_mode(tuner.model):
+            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                batch = to_device(batch, device)
+                size = next(iter(batch.values())).shape[0]
+                gates = {
+                    kind: [
+                        layer.open_gate(size, layer.get_base_layer().weight.dtype, device) for layer in layers
+                    ]
+                    for kind, layers in gated.items()
+                }
+                losses = per_example_losses(tuner.model, batch, loss_fn)
+                losses_seen.append(losses.detach().double())
+                flat = gates["heads"] + gates["filters"]
+                grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
+                grads = [torch.zeros_like(g) if d is None else d for g, d in zip(flat, grads)]
+                n_layers = len(gates["heads"])
+                chunks["heads"].append(torch.stack(grads[:n_layers], 1).float())
+                chunks["filters"].append(torch.stack(grads[n_layers:], 1).float())
+    finally:
+        for layers in gated.values():
+            for layer in layers:
+                layer.close_gate()
+    return MaskGradients({k: torch.cat(v) for k, v in chunks.items()}, torch.cat(losses_seen))
+
+
+def parameter_gradient_sum(tuner, adapter_name, loader, loss_fn=None, *, device, desc="forget gradient", progress=True):
+    """Sum over examples of d loss / d delta for every delta of ``adapter_name``."""
+    params = tuner.adapter_parameters(adapter_name)
+    totals = [torch.zeros_like(p) for p in params]
+    with eval_mode(tuner.model):
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            batch = to_device(batch, device)
+            losses = per_example_losses(tuner.model, batch, loss_fn)
+            for total, grad in zip(totals, torch.autograd.grad(losses.sum(), params)):
+                total.add_(grad)
+    return totals
+
+
+def parameter_fisher_diagonal(tuner, adapter_name, loader, loss_fn=None, *, device, desc="retain Fisher", progress=True):
+    """Mean over examples of the squared per-example gradient of every delta of ``adapter_name``."""
+    layers = [layer for _, layer in tuner.mape_layers() if adapter_name in layer.mape_delta]
+    sums = [torch.zeros_like(p) for layer in layers for p in layer.adapter_parameters(adapter_name)]
+    count = 0
+    try:
+        with eval_mode(tuner.model):
+            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                batch = to_device(batch, device)
+                size = next(iter(batch.values())).shape[0]
+                per_example = [t for layer in layers for t in layer.use_per_example_delta(adapter_name, size)]
+                losses = per_example_losses(tuner.model, batch, loss_fn)
+                grads = torch.autograd.grad(losses.sum(), per_example)
+                for total, grad in zip(sums, grads):
+                    total.add_(grad.pow(2).sum(0))
+                count += size
+    finally:
+        for layer in layers:
+            layer.clear_per_example()
+    return [s / max(count, 1) for s in sums]

@@ -1,0 +1,150 @@
+"""Update rules over a set of parameters (the deltas of the selected units, SPEC §4).
+
+- :func:`second_order_step` (MAPE-SO): one closed-form influence step
+  theta <- theta* + eta * (F_r + lambda)^-1 * sum_{x in D_f} grad l(x), with F_r the diagonal
+  empirical Fisher on the retain sample and eta = 1/n_train.
+- :func:`optimise`: the one optimisation loop; an :class:`UpdateLoss` (GA, GradDiff, ...) says
+  what to minimise from the forget and retain per-example losses of a step. Early stopping when
+  the mean forget loss reaches a target (e.g. the loss of held-out data).
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import per_example_losses, to_device
+from .statistics import eval_mode
+
+
+def second_order_step(params: Sequence[torch.nn.Parameter], forget_grad_sum: Sequence[torch.Tensor],
+                      retain_fisher: Sequence[torch.Tensor], *, num_train_examples: int,
+                      damping: float = 1e-3, scale: float = 1.0) -> float:
+    """Apply the SO step in place; returns the update's L2 norm.
+
+    ``damping`` is relative: lambda = damping * mean(F_r) over all selected parameters.
+    """
+    if num_train_examples <= 0:
+        raise ValueError(f"num_train_examples must be positive, got {num_train_examples}")
+    total = sum(float(f.sum()) for f in retain_fisher)
+    count = sum(f.numel() for f in retain_fisher)
+    lam = damping * total / max(count, 1)
+    if lam <= 0:  # an all-zero Fisher (e.g. a dead unit) still needs a finite step
+        lam = damping
+    eta = scale / num_train_examples
+    squared = 0.0
+    with torch.no_grad():
+        for param, grad, fisher in zip(params, forget_grad_sum, retain_fisher):
+            step = eta * grad / (fisher + lam)
+            if not torch.isfinite(step).all():
+                raise FloatingPointError("the SO step is not finite (NaN/inf in gradients or Fisher)")
+            param.add_(step.to(param.dtype))
+            squared += float(step.double().pow(2).sum())
+    return math.sqrt(squared)
+
+
+@dataclass
+class StepLosses:
+    """Per-example losses of one step: forget batch (required) and retain batch (if used)."""
+
+    forget: torch.Tensor
+    retain: Optional[torch.Tensor] = None
+
+
+class UpdateLoss(abc.ABC):
+    """What one optimisation step minimises, from the step's per-example losses."""
+
+    name = "loss"
+    needs_retain = False
+
+    @abc.abstractmethod
+    def __call__(self, losses: StepLosses) -> torch.Tensor:
+        """The scalar to minimise."""
+
+
+class GradientAscent(UpdateLoss):
+    """GA: maximise the forget loss."""
+
+    name = "ga"
+
+    def __call__(self, losses: StepLosses) -> torch.Tensor:
+        return -losses.forget.mean()
+
+
+@dataclass
+class GradDiff(UpdateLoss):
+    """GradDiff: maximise the forget loss while minimising the retain loss."""
+
+    retain_weight: float = 1.0
+    name = "graddiff"
+    needs_retain = True
+
+    def __call__(self, losses: StepLosses) -> torch.Tensor:
+        return -losses.forget.mean() + self.retain_weight * losses.retain.mean()
+
+
+@dataclass
+class LoopResult:
+    steps: int = 0
+    stopped_early: bool = False
+    forget_loss_trace: list[float] = field(default_factory=list)
+
+
+def mean_loss(model, loader, loss_fn=None, *, device) -> float:
+    """Mean per-example loss over a loader, without gradients, dropout off."""
+    total, count = 0.0, 0
+    with torch.no_grad(), eval_mode(model):
+        for batch in loader:
+            batch = to_device(batch, device)
+            losses = per_example_losses(model, batch, loss_fn)
+            total += float(losses.sum())
+            count += losses.numel()
+    return total / max(count, 1)
+
+
+def optimise(model, params: Sequence[torch.nn.Parameter], update_loss: UpdateLoss, forget_loader, retain_loader=None,
+             *, device, loss_fn=None, lr: float, max_steps: int, forget_loss_target: Optional[float] = None,
+             eval_every: int = 5, max_grad_norm: float = 1.0, progress: bool = True,
+             on_step: Optional[Callable[[int], None]] = None) -> LoopResult:
+    """Minimise ``update_loss`` over ``params`` with Adam; stop at ``forget_loss_target`` if given."""
+    if update_loss.needs_retain and retain_loader is None:
+        raise ValueError(f"method '{update_loss.name}' needs a retain set")
+    params = list(params)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    forget_batches = itertools.cycle(forget_loader)
+    retain_batches = itertools.cycle(retain_loader) if update_loss.needs_retain else None
+    result = LoopResult()
+    bar = tqdm(total=max_steps, desc=f"update ({update_loss.name})", disable=not progress, leave=False)
+    with eval_mode(model):
+        for step in range(1, max_steps + 1):
+            forget_batch = to_device(next(forget_batches), device)
+            losses = StepLosses(forget=per_example_losses(model, forget_batch, loss_fn))
+            if retain_batches is not None:
+                losses.retain = per_example_losses(model, to_device(next(retain_batches), device), loss_fn)
+            objective = update_loss(losses)
+            if not torch.isfinite(objective):
+                raise FloatingPointError(f"non-finite {update_loss.name} objective at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            result.steps = step
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+            if forget_loss_target is not None and (step % eval_every == 0 or step == max_steps):
+                current = mean_loss(model, forget_loader, loss_fn, device=device)
+                result.forget_loss_trace.append(current)
+                bar.set_postfix(forget_loss=f"{current:.3f}", target=f"{forget_loss_target:.3f}")
+                if current >= forget_loss_target:
+                    result.stopped_early = True
+                    break
+    bar.close()
+    optimizer.zero_grad(set_to_none=True)
+    return result

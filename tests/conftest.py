@@ -1,0 +1,76 @@
+"""Tiny random-init models of every supported architecture, and toy data for them."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+import peft_mape  # noqa: F401  (registers the MAPE tuner)
+
+VOCAB = 40
+SEQ_CLS = ("bert", "roberta", "distilbert")
+CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
+ARCHITECTURES = SEQ_CLS + CAUSAL + ("vit",)
+
+
+def tiny_config(kind: str):
+    common = dict(num_labels=3)
+    if kind in ("bert", "roberta"):
+        cls = T.BertConfig if kind == "bert" else T.RobertaConfig
+        return cls(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=24, max_position_embeddings=64, pad_token_id=1, **common)
+    if kind == "distilbert":
+        return T.DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=4, hidden_dim=24,
+                                  max_position_embeddings=64, **common)
+    if kind == "gpt2":
+        return T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_inner=24, n_positions=64,
+                            bos_token_id=0, eos_token_id=0)
+    if kind in ("llama", "mistral", "qwen2"):
+        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[kind]
+        return cls(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64,
+                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if kind == "vit":
+        return T.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=24, **common)
+    raise KeyError(kind)
+
+
+def tiny_model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(kind)
+    if kind in CAUSAL:
+        auto = T.AutoModelForCausalLM
+    elif kind == "vit":
+        auto = T.AutoModelForImageClassification
+    else:
+        auto = T.AutoModelForSequenceClassification
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = auto.from_config(config)
+    return model.eval()
+
+
+def tiny_examples(kind: str, n: int, seed: int = 0, length: int = 6, vary_length: bool = True):
+    """Model-ready examples (lists of dicts of tensors) for the tiny model of ``kind``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        if kind == "vit":
+            out.append({"pixel_values": torch.randn(3, 8, 8, generator=g),
+                        "labels": torch.randint(0, 3, (), generator=g)})
+            continue
+        size = length - (i % 3 if vary_length else 0)
+        ids = torch.randint(2, VOCAB, (size,), generator=g)
+        ex = {"input_ids": ids, "attention_mask": torch.ones(size, dtype=torch.long)}
+        ex["labels"] = ids.clone() if kind in CAUSAL else torch.randint(0, 3, (), generator=g)
+        out.append(ex)
+    return out
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch_kind(request):
+    return request.param
