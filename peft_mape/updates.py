@@ -120,6 +120,12 @@ def optimise(model, params: Sequence[torch.nn.Parameter], update_loss: UpdateLos
     forget_batches = itertools.cycle(forget_loader)
     retain_batches = itertools.cycle(retain_loader) if update_loss.needs_retain else None
     result = LoopResult()
+    if forget_loss_target is not None:
+        current = mean_loss(model, forget_loader, loss_fn, device=device)
+        result.forget_loss_trace.append(current)
+        if current >= forget_loss_target:  # already looks unseen: nothing to undo
+            result.stopped_early = True
+            return result
     bar = tqdm(total=max_steps, desc=f"update ({update_loss.name})", disable=not progress, leave=False)
     with eval_mode(model):
         for step in range(1, max_steps + 1):

@@ -217,3 +217,21 @@ def test_second_request_on_the_same_adapter_is_refused():
 
 def test_default_method_is_documented_choice():
     assert peft_mape.DEFAULT_METHOD in peft_mape.METHODS
+
+
+def test_bf16_model_keeps_fp32_deltas_and_statistics():
+    model = get_peft_model(tiny_model("llama").to(torch.bfloat16), MAPEConfig(sparsity=0.5))
+    report = model.unlearn(tiny_examples("llama", 3), tiny_examples("llama", 6, seed=2), method="so",
+                           num_train_examples=20, progress=False)
+    params = model.base_model.adapter_parameters("default")
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert report.update_norm > 0 and all(torch.isfinite(p).all() for p in params)
+    x = pad_collate(tiny_examples("llama", 2, seed=3, vary_length=False))
+    assert model(input_ids=x["input_ids"]).logits.dtype == torch.bfloat16
+
+
+def test_no_update_when_the_forget_set_already_looks_unseen():
+    model = _peft()
+    report = model.unlearn(tiny_examples("bert", 3), tiny_examples("bert", 6, seed=2), forget_loss_target=0.0,
+                           progress=False)
+    assert report.steps == 0 and report.stopped_early and report.update_norm == 0.0
