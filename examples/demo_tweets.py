@@ -44,11 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--mislabelled", type=int, default=64, help="training tweets with a flipped label")
     p.add_argument("--forget-random", type=int, default=128, help="random training tweets to erase")
     p.add_argument("--holdout-size", type=int, default=300, help="validation tweets (early-stop target)")
-    p.add_argument("--test-size", type=int, default=600)
-    p.add_argument("--retain-eval-size", type=int, default=300, help="retain tweets used to report accuracy")
+    p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--retain-eval-size", type=int, default=200, help="retain tweets used to report accuracy")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--max-length", type=int, default=40)
+    p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -169,8 +169,8 @@ def run_scenario(name, original, train, holdout, test, forget_idx, args):
     del retrained
     retain = as_examples(retain_ds)
     for label, kwargs in METHODS:
-        model = get_peft_model(copy.deepcopy(original), peft_mape.MAPEConfig())
         kwargs = dict(kwargs)
+        model = get_peft_model(copy.deepcopy(original), peft_mape.MAPEConfig(**kwargs.pop("config", {})))
         if kwargs.get("method") == "so":
             kwargs["num_train_examples"] = len(train)
         else:
@@ -180,7 +180,7 @@ def run_scenario(name, original, train, holdout, test, forget_idx, args):
         row = {"method": label, **evaluate(model, forget, retain_eval, test_ex), "seconds": m.seconds,
                "peak_memory_mb": m.peak_memory_mb, "adapter_mb": adapter_megabytes(model),
                "heads": report.num_selected_heads, "filters": report.num_selected_filters,
-               "steps": report.steps, "update_norm": report.update_norm}
+               "steps": report.steps, "update_norm": report.update_norm, "phase_seconds": report.seconds}
         rows.append(row)
         print(f"  {label:<28} forget {row['forget_acc']:5.1f}  test {row['test_acc']:5.1f}  "
               f"{row['seconds']:6.1f}s  ({report.summary()})", flush=True)

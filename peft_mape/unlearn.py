@@ -136,19 +136,34 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
     report_loader = make_loader(retain_examples[:REPORT_RETAIN], batch_size, pad) if retain_examples else None
     timings["data"] = time.perf_counter() - clock
 
+    target = forget_loss_target
+    if method != "so" and target is None and holdout is not None:
+        holdout_examples = materialise(holdout, allowed, limit=cap, seed=seed, what="holdout")
+        validate_examples(holdout_examples, "holdout", needs_labels=loss_fn is None)
+        target = mean_loss(model, make_loader(holdout_examples, batch_size, pad), loss_fn, device=device)
+    if target is not None:
+        clock = time.perf_counter()
+        forget_now = mean_loss(model, forget_loader, loss_fn, device=device)
+        timings["evaluation"] = timings.get("evaluation", 0.0) + time.perf_counter() - clock
+        if forget_now >= target:
+            # The forget set already looks unseen (e.g. mislabelled examples the model never fit):
+            # there is nothing to undo, so no statistics, selection or update.
+            notes.append(f"forget loss {forget_now:.4f} already >= target {target:.4f}: no update")
+            return _no_update_report(name, method, config, forget_examples, retain_examples, timings, forget_now,
+                                     target, notes)
     arch = tuner.architecture(name)
     if selection is None:
         result, forget_before, retain_before = _search(
             tuner, config, arch, forget_loader, retain_loader, loss_fn, device, progress, notes, timings
         )
-        timings["evaluation"] = 0.0
+        timings.setdefault("evaluation", 0.0)
     else:
         result = fixed_selection(arch, selection)
         timings["statistics"] = 0.0
         clock = time.perf_counter()
         forget_before = mean_loss(model, forget_loader, loss_fn, device=device)
         retain_before = mean_loss(model, report_loader, loss_fn, device=device) if report_loader else None
-        timings["evaluation"] = time.perf_counter() - clock
+        timings["evaluation"] = timings.get("evaluation", 0.0) + time.perf_counter() - clock
     selection = result.selection()
     clock = time.perf_counter()
     tuner.apply_selection(name, selection)
@@ -157,7 +172,7 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
 
     clock = time.perf_counter()
     hyper: dict = {"seed": seed, "batch_size": batch_size}
-    steps, stopped_early, target = 0, False, None
+    steps, stopped_early = 0, False
     if method == "so":
         n_train = num_train_examples or _estimate_train_size(forget_examples, retain, retain_examples, notes)
         grad_sum = parameter_gradient_sum(tuner, name, forget_loader, loss_fn, device=device, progress=progress)
@@ -166,11 +181,6 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
         hyper.update(num_train_examples=n_train, damping=damping, so_scale=so_scale)
     else:
         update_loss = GradientAscent() if method == "ga" else GradDiff(retain_weight=retain_weight)
-        target = forget_loss_target
-        if target is None and holdout is not None:
-            holdout_examples = materialise(holdout, allowed, limit=cap, seed=seed, what="holdout")
-            validate_examples(holdout_examples, "holdout", needs_labels=loss_fn is None)
-            target = mean_loss(model, make_loader(holdout_examples, batch_size, pad), loss_fn, device=device)
         if target is None:
             notes.append("no holdout/forget_loss_target: ran the full step budget without early stopping")
         lr = DEFAULT_LR[method] if lr is None else lr
@@ -239,6 +249,18 @@ def fixed_selection(arch, selection) -> SearchResult:
     else:
         raise ValueError(f"selection must be 'all' or a dict of heads/filters per layer, got {selection!r}")
     return SearchResult(masks=masks, scores={})
+
+
+def _no_update_report(name, method, config, forget_examples, retain_examples, timings, forget_loss, target, notes):
+    for phase in ("statistics", "search", "update"):
+        timings.setdefault(phase, 0.0)
+    return UnlearnReport(
+        adapter_name=name, method=method, sparsity=config.sparsity, units=config.units,
+        num_forget=len(forget_examples), num_retain=len(retain_examples), selected_heads={}, selected_filters={},
+        num_selected_heads=0, num_selected_filters=0, trainable_parameters=0, scores={}, seconds=timings,
+        forget_loss_before=forget_loss, forget_loss_after=forget_loss, retain_loss_before=None,
+        retain_loss_after=None, update_norm=0.0, stopped_early=True, forget_loss_target=target, warnings=notes,
+    )
 
 
 def _estimate_train_size(forget_examples, retain_source, retain_examples, notes) -> int:

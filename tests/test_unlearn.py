@@ -231,7 +231,11 @@ def test_bf16_model_keeps_fp32_deltas_and_statistics():
 
 
 def test_no_update_when_the_forget_set_already_looks_unseen():
+    """No statistics, selection or update: the report says so."""
     model = _peft()
     report = model.unlearn(tiny_examples("bert", 3), tiny_examples("bert", 6, seed=2), forget_loss_target=0.0,
                            progress=False)
     assert report.steps == 0 and report.stopped_early and report.update_norm == 0.0
+    assert report.num_selected_heads == 0 and report.seconds["statistics"] == 0.0
+    assert any("no update" in w for w in report.warnings)
+    assert model.peft_config["default"].selection is None
