@@ -74,3 +74,13 @@ def tiny_examples(kind: str, n: int, seed: int = 0, length: int = 6, vary_length
 @pytest.fixture(params=ARCHITECTURES)
 def arch_kind(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny matrices gain nothing from threads, and on a busy
+    2-core machine OpenMP threads of concurrent processes spin against each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
