@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import random
 import warnings
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +227,3 @@ def per_example_losses(model, batch: dict, loss_fn: Optional[LossFn]) -> torch.T
         raise FloatingPointError(f"non-finite loss (NaN or inf) on {int((~torch.isfinite(losses)).sum())} example(s)")
     return losses
 
-
-def iterate_batches(loader: Iterable, device) -> Iterable[dict]:
-    for batch in loader:
-        yield to_device(batch, device)

@@ -141,6 +141,7 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
         holdout_examples = materialise(holdout, allowed, limit=cap, seed=seed, what="holdout")
         validate_examples(holdout_examples, "holdout", needs_labels=loss_fn is None)
         target = mean_loss(model, make_loader(holdout_examples, batch_size, pad), loss_fn, device=device)
+    forget_now = None
     if target is not None:
         clock = time.perf_counter()
         forget_now = mean_loss(model, forget_loader, loss_fn, device=device)
@@ -186,7 +187,8 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
         lr = DEFAULT_LR[method] if lr is None else lr
         max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
         loop = optimise(model, params, update_loss, forget_loader, train_loader, device=device, loss_fn=loss_fn,
-                        lr=lr, max_steps=max_steps, forget_loss_target=target, progress=progress)
+                        lr=lr, max_steps=max_steps, forget_loss_target=target, progress=progress,
+                        initial_forget_loss=forget_now)
         steps, stopped_early = loop.steps, loop.stopped_early
         hyper.update(lr=lr, max_steps=max_steps, retain_weight=retain_weight if method == "graddiff" else None)
     timings["update"] = time.perf_counter() - clock

@@ -111,8 +111,12 @@ def mean_loss(model, loader, loss_fn=None, *, device) -> float:
 def optimise(model, params: Sequence[torch.nn.Parameter], update_loss: UpdateLoss, forget_loader, retain_loader=None,
              *, device, loss_fn=None, lr: float, max_steps: int, forget_loss_target: Optional[float] = None,
              eval_every: int = 5, max_grad_norm: float = 1.0, progress: bool = True,
-             on_step: Optional[Callable[[int], None]] = None) -> LoopResult:
-    """Minimise ``update_loss`` over ``params`` with Adam; stop at ``forget_loss_target`` if given."""
+             on_step: Optional[Callable[[int], None]] = None,
+             initial_forget_loss: Optional[float] = None) -> LoopResult:
+    """Minimise ``update_loss`` over ``params`` with Adam; stop at ``forget_loss_target`` if given.
+
+    ``initial_forget_loss`` spares the first check's pass when the caller has just measured it.
+    """
     if update_loss.needs_retain and retain_loader is None:
         raise ValueError(f"method '{update_loss.name}' needs a retain set")
     params = list(params)
@@ -121,7 +125,9 @@ def optimise(model, params: Sequence[torch.nn.Parameter], update_loss: UpdateLos
     retain_batches = itertools.cycle(retain_loader) if update_loss.needs_retain else None
     result = LoopResult()
     if forget_loss_target is not None:
-        current = mean_loss(model, forget_loader, loss_fn, device=device)
+        current = initial_forget_loss
+        if current is None:
+            current = mean_loss(model, forget_loader, loss_fn, device=device)
         result.forget_loss_trace.append(current)
         if current >= forget_loss_target:  # already looks unseen: nothing to undo
             result.stopped_early = True
