@@ -84,3 +84,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def s3t_bert(layers: int, seed: int = 0):
+    """The tiny BERT classifier (vocab 64, width 16, 2 heads) the S3T tests train LoRA blocks on."""
+    torch.manual_seed(seed)
+    config = T.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                          intermediate_size=32, num_labels=3)
+    return T.BertForSequenceClassification(config)

@@ -2,19 +2,12 @@ import datasets
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import BertConfig, BertForSequenceClassification
 
+from conftest import s3t_bert
 from peft_mape.s3t import S3TConfig, S3TModel
 from peft_mape.s3t.blocks import layer_index, split_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _bert(layers, seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
-    return BertForSequenceClassification(config)
 
 
 def _config(**kwargs):
@@ -56,7 +49,7 @@ def test_split_layers_top_block_first():
 
 
 def test_default_blocks_of_a_12_layer_model_partition_the_targets_exactly():
-    s3t = S3TModel(_bert(12), _config())
+    s3t = S3TModel(s3t_bert(12), _config())
     assert s3t.blocks == [(11, 10, 9), (8, 7, 6), (5, 4, 3), (2, 1, 0)]
     for block, modules in zip(s3t.blocks, s3t.block_modules):
         assert len(modules) == 2 * len(block)
@@ -66,7 +59,7 @@ def test_default_blocks_of_a_12_layer_model_partition_the_targets_exactly():
 
 
 def test_layer_1_block_never_touches_layers_10_to_19():
-    model = _bert(12)
+    model = s3t_bert(12)
     names = [n for n, _ in model.named_modules() if n.endswith(("query", "value"))]
     # The official substring match would have put six modules (layers 1, 10, 11) in this block.
     assert sum("layer.1" in n for n in names) == 6
@@ -84,9 +77,9 @@ def test_layer_1_block_never_touches_layers_10_to_19():
 
 def test_blocks_reject_layers_without_lora_and_too_many_slices():
     with pytest.raises(ValueError, match=r"layer\(s\) \[7\]"):
-        S3TModel(_bert(4), _config(num_slices=2, layer_blocks=[[3, 7], [0]]))
+        S3TModel(s3t_bert(4), _config(num_slices=2, layer_blocks=[[3, 7], [0]]))
     with pytest.raises(ValueError, match="5 slices need 5 layer blocks"):
-        S3TModel(_bert(4), _config(num_slices=5))
+        S3TModel(s3t_bert(4), _config(num_slices=5))
     with pytest.raises(ValueError, match="disjoint"):
         _config(num_slices=2, layer_blocks=[[3, 2], [2, 1]])
     with pytest.raises(ValueError, match="one block per slice"):
@@ -96,14 +89,14 @@ def test_blocks_reject_layers_without_lora_and_too_many_slices():
 def test_user_layers_to_transform_restricts_the_eligible_layers():
     lora = LoraConfig(r=2, target_modules=["query", "value"], layers_to_transform=[0, 1, 2, 3],
                       layers_pattern="layer")
-    s3t = S3TModel(_bert(12), _config(lora=lora, num_slices=2))
+    s3t = S3TModel(s3t_bert(12), _config(lora=lora, num_slices=2))
     assert s3t.blocks == [(3, 2), (1, 0)]
 
 
 def test_head_and_target_errors():
     with pytest.raises(ValueError, match="head module 'score' not found"):
-        S3TModel(_bert(4), _config(num_slices=2, head_modules=("score",)))
+        S3TModel(s3t_bert(4), _config(num_slices=2, head_modules=("score",)))
     with pytest.raises(ValueError, match="matches no module"):
-        S3TModel(_bert(4), _config(num_slices=2, lora=LoraConfig(target_modules=["q_proj"])))
+        S3TModel(s3t_bert(4), _config(num_slices=2, lora=LoraConfig(target_modules=["q_proj"])))
     with pytest.raises(ValueError, match="modules_to_save"):
         _config(lora=LoraConfig(target_modules=["query"], modules_to_save=["classifier"]))

@@ -6,8 +6,8 @@ import datasets
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import BertConfig, BertForSequenceClassification
 
+from conftest import s3t_bert
 from peft_mape.s3t import S3TConfig, S3TModel
 from peft_mape.s3t.aggregation import aggregate
 from peft_mape.s3t.blocks import layer_index
@@ -15,13 +15,6 @@ from peft_mape.s3t.blocks import layer_index
 HEAD = ("classifier.weight", "classifier.bias")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=6, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
-    return BertForSequenceClassification(config)
 
 
 def _dataset(n=72, seed=0):
@@ -66,7 +59,7 @@ class Recorder:
 
 def _fit(config=None, dataset=None, keep_state=False, **fit_kwargs):
     recorder = Recorder(keep_state)
-    s3t = S3TModel(_bert(), config or _config())
+    s3t = S3TModel(s3t_bert(6), config or _config())
     s3t.fit(dataset or _dataset(), on_stage_end=recorder, progress=False, **fit_kwargs)
     return s3t, recorder
 
@@ -128,7 +121,7 @@ def _canonical(state):
 
 def test_each_stage_changes_only_its_block(trained):
     s3t, recorder = trained
-    base = _bert().state_dict()
+    base = s3t_bert(6).state_dict()
     previous = dict(base)
     for info in recorder.stages:
         state = _canonical(recorder.states[info.adapter])
@@ -238,7 +231,7 @@ def test_user_rng_state_is_untouched_by_training():
 @pytest.mark.parametrize("head", ["first_stage", "frozen"])
 def test_head_modes_snapshot_the_head_as_documented(head):
     s3t, recorder = _fit(_config(num_shards=1, budget=1, head=head), keep_state=True)
-    initial = _bert().state_dict()
+    initial = s3t_bert(6).state_dict()
     first, second, third = recorder.stages
     for name in HEAD:
         if head == "frozen":
@@ -275,7 +268,7 @@ def test_dataset_predictions_keep_row_order(trained):
 
 
 def test_bad_inputs_give_clear_errors():
-    s3t = S3TModel(_bert(), _config())
+    s3t = S3TModel(s3t_bert(6), _config())
     with pytest.raises(ValueError, match="not fitted"):
         s3t.predict(PROBE)
     with pytest.raises(ValueError, match="stable id column 'id'"):

@@ -8,18 +8,11 @@ import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
 
+from conftest import s3t_bert
 from peft_mape.s3t import S3TConfig, S3TModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
-    return BertForSequenceClassification(config)
 
 
 def _dataset(n=40):
@@ -37,11 +30,11 @@ PROBE = {"input_ids": torch.randint(1, 64, (4, 6), generator=torch.Generator().m
 def trained():
     config = S3TConfig(lora=LoraConfig(r=2, target_modules=["query", "value"]), num_shards=2, num_slices=2,
                        budget=2, batch_size=8, learning_rate=1e-2)
-    return S3TModel(_bert(), config).fit(_dataset(), progress=False)
+    return S3TModel(s3t_bert(4), config).fit(_dataset(), progress=False)
 
 
 def _reloaded(path):
-    model = _bert()
+    model = s3t_bert(4)
     with torch.no_grad():  # a different head init proves the snapshots are restored from disk
         model.classifier.weight.normal_()
     return S3TModel.load(path, model)
@@ -100,6 +93,6 @@ def test_retraining_after_load_needs_the_dataset(trained, tmp_path):
 def test_loading_onto_another_base_model_is_refused(trained, tmp_path):
     path = trained.save(tmp_path / "s3t")
     with pytest.raises(ValueError, match="fingerprint"):
-        S3TModel.load(path, _bert(seed=1))
+        S3TModel.load(path, s3t_bert(4, seed=1))
     with pytest.raises(ValueError, match="not a saved S3TModel"):
-        S3TModel.load(tmp_path, _bert())
+        S3TModel.load(tmp_path, s3t_bert(4))
