@@ -40,13 +40,6 @@ def _adapter_name(tuner, adapter_name: Optional[str]) -> str:
     return active[0]
 
 
-def _check_arguments(method: str, sparsity: float, units: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown unlearning method {method!r}; choose one of {list(METHODS)}")
-    if not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be strictly between 0 and 1, got {sparsity!r}")
-    if units not in ("heads", "filters", "both"):
-        raise ValueError(f"units must be 'heads', 'filters' or 'both', got {units!r}")
 
 
 def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_train_examples: Optional[int] = None,
@@ -82,7 +75,8 @@ def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_tra
     method = method or DEFAULT_METHOD
     sparsity = config.sparsity if sparsity is None else sparsity
     units = config.units if units is None else units
-    _check_arguments(method, sparsity, units)
+    if method not in METHODS:
+        raise ValueError(f"unknown unlearning method {method!r}; choose one of {list(METHODS)}")
     if config.selection:
         raise ValueError(
             f"adapter '{name}' already holds an unlearning request; add a new adapter for the next one: "
@@ -93,7 +87,9 @@ def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_tra
 
     previous = {"sparsity": config.sparsity, "units": config.units}
     try:
-        config.sparsity, config.units = float(sparsity), units
+        config.sparsity, config.units = sparsity, units
+        config.validate()  # the per-call overrides obey the same rules as the config fields
+        config.sparsity = float(sparsity)
         return _run(tuner, name, config, forget, retain, method, timings, clock, num_train_examples=num_train_examples,
                     seed=seed, loss_fn=loss_fn, holdout=holdout, forget_loss_target=forget_loss_target,
                     batch_size=batch_size, lr=lr, max_steps=max_steps, retain_weight=retain_weight,
