@@ -1,4 +1,4 @@
-"""Metrics that show whether an erasure worked (SPEC §8). Each works without the rest of the library."""
+"""Classification metrics: per-example losses and correctness, and membership-inference AUCs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from .data import to_device
-from .statistics import eval_mode
+from ..data import to_device
+from ..statistics import eval_mode
 
 
 @dataclass
