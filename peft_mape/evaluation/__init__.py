@@ -1,5 +1,24 @@
-"""Metrics that show whether an erasure worked (SPEC §8). Each works without the rest of the library."""
+"""Metrics that show whether an erasure worked (SPEC §8). Each works without the rest of the library.
+
+- :mod:`.classification`: per-example losses / correctness / logits of a classifier; ROC-AUC.
+- :mod:`.mia`: membership-inference scores and AUCs (LOSS, confidence, entropy; zlib, Min-K%).
+- :mod:`.language_model`: per-token log-probabilities of a causal LM.
+- :mod:`.suite`: forget / retain / test metrics of a model as one flat dict.
+"""
 
 from .classification import ClassifierOutputs, classifier_outputs, loss_mia_auc, membership_auc
+from .language_model import token_log_probs
+from .mia import (
+    classifier_mia_aucs, confidence_scores, entropy_scores, language_model_mia_aucs, loss_scores, min_k_prob,
+    min_k_scores, perplexity, prediction_entropy, true_label_log_probs, zlib_ratio, zlib_ratio_scores,
+)
+from .suite import classification_metrics, language_model_metrics, metric_gaps
 
-__all__ = ["ClassifierOutputs", "classifier_outputs", "loss_mia_auc", "membership_auc"]
+__all__ = [
+    "ClassifierOutputs", "classifier_outputs", "loss_mia_auc", "membership_auc",
+    "token_log_probs",
+    "classifier_mia_aucs", "confidence_scores", "entropy_scores", "language_model_mia_aucs", "loss_scores",
+    "min_k_prob", "min_k_scores", "perplexity", "prediction_entropy", "true_label_log_probs", "zlib_ratio",
+    "zlib_ratio_scores",
+    "classification_metrics", "language_model_metrics", "metric_gaps",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,10 +16,16 @@ from ..statistics import eval_mode
 
 @dataclass
 class ClassifierOutputs:
-    """Per-example cross-entropy losses and correctness of a classifier on one data set."""
+    """Per-example cross-entropy losses and correctness of a classifier on one data set.
+
+    ``logits`` and ``labels`` are kept for the logit-based membership attacks
+    (:mod:`peft_mape.evaluation.mia`).
+    """
 
     losses: np.ndarray
     correct: np.ndarray
+    logits: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
 
     @property
     def accuracy(self) -> float:
@@ -28,7 +35,7 @@ class ClassifierOutputs:
 def classifier_outputs(model, loader, device=None) -> ClassifierOutputs:
     """Run a sequence classifier over ``loader`` (dict batches with ``labels``), dropout off."""
     device = device or next(model.parameters()).device
-    losses, correct = [], []
+    losses, correct, all_logits, all_labels = [], [], [], []
     with torch.no_grad(), eval_mode(model):
         for batch in loader:
             batch = to_device(batch, device)
@@ -36,7 +43,10 @@ def classifier_outputs(model, loader, device=None) -> ClassifierOutputs:
             logits = model(**batch).logits.float()
             losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
             correct.append((logits.argmax(-1) == labels).cpu())
-    return ClassifierOutputs(torch.cat(losses).numpy(), torch.cat(correct).numpy())
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+    return ClassifierOutputs(torch.cat(losses).numpy(), torch.cat(correct).numpy(),
+                             torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy())
 
 
 def membership_auc(member_scores, nonmember_scores) -> float:
@@ -44,7 +54,11 @@ def membership_auc(member_scores, nonmember_scores) -> float:
 
     0.5 means the attack cannot tell them apart: what a model that never saw the members gives.
     """
-    member_scores, nonmember_scores = np.asarray(member_scores), np.asarray(nonmember_scores)
+    member_scores = np.asarray(member_scores, dtype=np.float64).reshape(-1)
+    nonmember_scores = np.asarray(nonmember_scores, dtype=np.float64).reshape(-1)
+    if not member_scores.size or not nonmember_scores.size:
+        raise ValueError(f"membership AUC needs members and non-members, got {member_scores.size} and "
+                         f"{nonmember_scores.size} scores")
     labels = np.concatenate([np.ones(len(member_scores)), np.zeros(len(nonmember_scores))])
     return float(roc_auc_score(labels, np.concatenate([member_scores, nonmember_scores])))
 
