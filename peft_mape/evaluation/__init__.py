@@ -4,21 +4,27 @@
 - :mod:`.mia`: membership-inference scores and AUCs (LOSS, confidence, entropy; zlib, Min-K%).
 - :mod:`.language_model`: per-token log-probabilities of a causal LM.
 - :mod:`.suite`: forget / retain / test metrics of a model as one flat dict.
+- :mod:`.relearning`: the relearning attack.
+- :mod:`.curves`: successive-request curves.
 """
 
 from .classification import ClassifierOutputs, classifier_outputs, loss_mia_auc, membership_auc
+from .curves import RequestCurve, split_into_requests, successive_request_curve
 from .language_model import token_log_probs
 from .mia import (
     classifier_mia_aucs, confidence_scores, entropy_scores, language_model_mia_aucs, loss_scores, min_k_prob,
     min_k_scores, perplexity, prediction_entropy, true_label_log_probs, zlib_ratio, zlib_ratio_scores,
 )
+from .relearning import RelearningResult, forget_set_metrics, relearning_attack, split_forget_set
 from .suite import classification_metrics, language_model_metrics, metric_gaps
 
 __all__ = [
     "ClassifierOutputs", "classifier_outputs", "loss_mia_auc", "membership_auc",
+    "RequestCurve", "split_into_requests", "successive_request_curve",
     "token_log_probs",
     "classifier_mia_aucs", "confidence_scores", "entropy_scores", "language_model_mia_aucs", "loss_scores",
     "min_k_prob", "min_k_scores", "perplexity", "prediction_entropy", "true_label_log_probs", "zlib_ratio",
     "zlib_ratio_scores",
+    "RelearningResult", "forget_set_metrics", "relearning_attack", "split_forget_set",
     "classification_metrics", "language_model_metrics", "metric_gaps",
 ]
