@@ -11,7 +11,7 @@ from .registration import ensure_peft_type
 
 UNIT_CHOICES = ("heads", "filters", "both")
 ACCOUNTING_CHOICES = ("per_type", "pooled", "param_weighted")
-OBJECTIVE_CHOICES = ("mlr",)
+OBJECTIVE_CHOICES = ("mlr", "mlf", "norm")
 SCOPE_CHOICES = ("unit", "output_side")
 
 
@@ -46,7 +46,11 @@ class MAPEConfig(PeftConfig):
     )
     objective: str = field(
         default="mlr",
-        metadata={"help": "Mask-search objective: 'mlr' (minimise the retain loss, SPEC §3)."},
+        metadata={
+            "help": "Mask-search objective (SPEC §3): 'mlr' (minimise the retain loss: forget gradient + "
+            "retain curvature), 'mlf' (maximise the forget loss: the roles of the two sets swapped; pairs "
+            "with GA-family updates) or 'norm' (summed |forget gradient|; cheap, needs no retain statistics)."
+        },
     )
     rearrangement_rounds: int = field(
         default=1,

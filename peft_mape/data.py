@@ -213,8 +213,8 @@ def default_per_example_loss(outputs, batch: dict) -> torch.Tensor:
     )
 
 
-def per_example_losses(model, batch: dict, loss_fn: Optional[LossFn]) -> torch.Tensor:
-    """Run the model on ``batch`` and return finite per-example losses [B]."""
+def forward_with_losses(model, batch: dict, loss_fn: Optional[LossFn]):
+    """Run the model on ``batch``; return its outputs and finite per-example losses [B]."""
     outputs = model(**batch)
     losses = (loss_fn or default_per_example_loss)(outputs, batch)
     batch_size = next(iter(batch.values())).shape[0]
@@ -225,5 +225,30 @@ def per_example_losses(model, batch: dict, loss_fn: Optional[LossFn]) -> torch.T
         )
     if not torch.isfinite(losses).all():
         raise FloatingPointError(f"non-finite loss (NaN or inf) on {int((~torch.isfinite(losses)).sum())} example(s)")
-    return losses
+    return outputs, losses
 
+
+def per_example_losses(model, batch: dict, loss_fn: Optional[LossFn]) -> torch.Tensor:
+    """Run the model on ``batch`` and return finite per-example losses [B]."""
+    return forward_with_losses(model, batch, loss_fn)[1]
+
+
+def per_example_kl(reference_logits: torch.Tensor, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """KL(reference || current) of the output distributions, one value per example.
+
+    Sequence-level logits [B, C]: the KL of the class distributions. Token-level logits
+    [B, T, V]: the mean KL over the positions that carry a loss (shifted labels != -100), or
+    over the attended positions when the batch has no token labels.
+    """
+    reference = F.log_softmax(reference_logits.float(), -1)
+    current = F.log_softmax(logits.float(), -1)
+    kl = (reference.exp() * (reference - current)).sum(-1)
+    if kl.dim() == 1:
+        return kl
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2:
+        kl, weight = kl[:, :-1], (labels[:, 1:] != -100)
+    else:
+        weight = batch.get("attention_mask", torch.ones(kl.shape, dtype=torch.bool, device=kl.device)).bool()
+    weight = weight.to(kl.dtype)
+    return (kl * weight).sum(1) / weight.sum(1).clamp_min(1.0)

@@ -47,6 +47,8 @@ class MAPELayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self._gate: Optional[torch.Tensor] = None
         self._per_example: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        # Adapters skipped in the forward while a reference (original) output is computed.
+        self.muted_adapters: frozenset[str] = frozenset()
 
     # ----------------------------------------------------------------- adapter storage
     def update_layer(self, adapter_name: str, index: Optional[torch.Tensor]) -> None:
@@ -141,7 +143,7 @@ class MAPELayer(nn.Module, BaseTunerLayer):
         if self.merged:
             return result
         for name in self.active_adapters:
-            if name in self.mape_delta:
+            if name in self.mape_delta and name not in self.muted_adapters:
                 result = self._delta_output(x, result, name)
         return result
 

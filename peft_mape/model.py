@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import contextlib
+from typing import Iterable, Iterator
 
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -24,6 +25,7 @@ class MAPEModel(BaseTuner):
     prefix: str = MAPE_PREFIX
     tuner_layer_cls = MAPELayer
     target_module_mapping: dict = {}
+    retain_statistics = None  # set by precompute_retain_statistics()
 
     def architecture(self, adapter_name: str | None = None) -> Architecture:
         """The resolved unit structure, using the adapter config's overrides."""
@@ -66,6 +68,20 @@ class MAPEModel(BaseTuner):
             for param in layer.adapter_parameters(adapter_name):
                 param.requires_grad_(adapter_name in self.active_adapters)
 
+    @contextlib.contextmanager
+    def muted(self, adapter_names: Iterable[str]):
+        """Compute outputs as if ``adapter_names`` were inactive (NPO/KL reference: no weight copy)."""
+        names = frozenset(adapter_names)
+        layers = [layer for _, layer in self.mape_layers()]
+        previous = [layer.muted_adapters for layer in layers]
+        for layer in layers:
+            layer.muted_adapters = layer.muted_adapters | names
+        try:
+            yield
+        finally:
+            for layer, before in zip(layers, previous):
+                layer.muted_adapters = before
+
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [p for _, layer in self.mape_layers() for p in layer.adapter_parameters(adapter_name)]
 
@@ -74,3 +90,22 @@ class MAPEModel(BaseTuner):
         from .unlearn import unlearn
 
         return unlearn(self, forget, retain=retain, method=method, **kwargs)
+
+    def unlearn_request(self, forget, retain=None, **kwargs):
+        """One of successive requests, into its own new adapter; see :func:`peft_mape.requests.unlearn_request`."""
+        from .requests import unlearn_request
+
+        return unlearn_request(self, forget, retain, **kwargs)
+
+    def precompute_retain_statistics(self, retain, **kwargs):
+        """Cache retain statistics at the original weights; see :func:`peft_mape.requests.precompute_retain_statistics`."""
+        from .requests import precompute_retain_statistics
+
+        return precompute_retain_statistics(self, retain, **kwargs)
+
+    @property
+    def request_log(self):
+        """The :class:`peft_mape.requests.RequestLog` of this model's erasure requests."""
+        from .requests import request_log
+
+        return request_log(self)

@@ -32,6 +32,8 @@ class UnlearnReport:
     stopped_early: bool = False
     forget_loss_target: Optional[float] = None
     warnings: list[str] = field(default_factory=list)
+    # Method-specific results: the influence solver's relative residual, the loop's forget-loss trace.
+    diagnostics: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,6 @@
-"""Mask search (SPEC §3, objective MLR): which heads and filters may be updated.
+"""Mask search (SPEC §3): which heads and filters may be updated.
+
+Objective **MLR** (default, minimise the retain loss):
 
 Minimise over binary masks m (1 = selected/updatable) the second-order model of the retain loss
     (1-m)^T g_f + 1/2 (1-m)^T F_r (1-m)      s.t. sum(m)/|m| <= 1 - sparsity,
@@ -10,6 +12,13 @@ i.e. freeze the set P = {u : m_u = 0} of least cost. Two steps:
    2022): the number of frozen units per layer stays fixed; walking the selected units from least
    to most important, each joins P and the member of P whose removal lowers
    J(P) = sum_{u in P} g_f[u] + 1/(2B) ||sum_{u in P} G_r[u]||^2 most leaves it.
+
+Objective **MLF** (maximise the forget loss; pairs with GA-family updates): the same two steps
+with the roles of the sets swapped: linear term the signed retain sum g_r, quadratic term the
+forget Fisher / per-example forget gradients G_f.
+
+Objective **NORM** (cheap baseline): score = sum over the forget set of |dl/dm_u|; top-k by
+score, no rearrangement, no retain statistics needed.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 UNIT_TYPES = ("heads", "filters")
+OBJECTIVES = ("mlr", "mlf", "norm")
 
 
 @dataclass
@@ -125,21 +135,53 @@ def rearrange_layer(selected: torch.Tensor, forget_sum: torch.Tensor, retain_per
     return selected
 
 
-def search_units(forget_sum: dict[str, torch.Tensor], retain_per_example: dict[str, torch.Tensor], *,
+def search_units(forget_per_example: dict[str, torch.Tensor], retain_per_example: dict[str, torch.Tensor] | None, *,
                  sparsity: float, units: str = "both", accounting: str = "per_type", rounds: int = 1,
-                 unit_params: dict[str, int] | None = None) -> SearchResult:
-    """MLR mask search. Inputs are per unit type: g_f [L, U] and per-example retain G_r [B, L, U]."""
+                 unit_params: dict[str, int] | None = None, objective: str = "mlr") -> SearchResult:
+    """Mask search. Inputs are per unit type per-example mask gradients [B, L, U] of each set.
+
+    MLR ranks by the signed forget sum and the retain curvature; MLF swaps the roles of the two
+    sets; NORM ranks by the summed absolute forget gradient and ignores ``retain_per_example``.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown mask-search objective {objective!r}; choose one of {list(OBJECTIVES)}")
     kinds = list(UNIT_TYPES) if units == "both" else [units]
-    fisher = {k: retain_per_example[k].pow(2).mean(0) for k in kinds}
-    scores = {k: unit_scores(forget_sum[k], fisher[k]) for k in kinds}
+    if objective == "norm":
+        scores = {k: forget_per_example[k].abs().sum(0) for k in kinds}
+        masks = warm_start(scores, sparsity, accounting, unit_params)
+        return _complete(SearchResult(masks=masks, scores=scores), forget_per_example)
+    if retain_per_example is None:
+        raise ValueError(f"objective '{objective}' needs retain statistics; use objective='norm' without a retain set")
+    linear_side, curvature_side = (
+        (forget_per_example, retain_per_example) if objective == "mlr" else (retain_per_example, forget_per_example)
+    )
+    linear = {k: linear_side[k].sum(0) for k in kinds}
+    fisher = {k: curvature_side[k].pow(2).mean(0) for k in kinds}
+    scores = {k: unit_scores(linear[k], fisher[k]) for k in kinds}
     masks = warm_start(scores, sparsity, accounting, unit_params)
     for kind in kinds:
         mask = masks[kind]
         for layer in range(mask.shape[0]):
-            mask[layer] = rearrange_layer(
-                mask[layer], forget_sum[kind][layer], retain_per_example[kind][:, layer], rounds
-            )
+            mask[layer] = rearrange_layer(mask[layer], linear[kind][layer], curvature_side[kind][:, layer], rounds)
+    return _complete(SearchResult(masks=masks, scores=scores), forget_per_example)
+
+
+def _complete(result: SearchResult, reference: dict[str, torch.Tensor]) -> SearchResult:
+    """Add an empty mask for the unit types that were not searched."""
     for kind in UNIT_TYPES:
-        if kind not in masks:
-            masks[kind] = torch.zeros_like(forget_sum[kind], dtype=torch.bool)
-    return SearchResult(masks=masks, scores=scores)
+        if kind not in result.masks:
+            result.masks[kind] = torch.zeros(reference[kind].shape[1:], dtype=torch.bool)
+    return result
+
+
+def random_selection(shapes: dict[str, tuple[int, int]], sparsity: float, *, units: str = "both",
+                     accounting: str = "per_type", unit_params: dict[str, int] | None = None,
+                     seed: int = 0) -> SearchResult:
+    """Random units under the same budget as the search: the module-agnostic control (SPEC §8)."""
+    generator = torch.Generator().manual_seed(seed)
+    kinds = list(UNIT_TYPES) if units == "both" else [units]
+    scores = {k: torch.rand(shapes[k], generator=generator) for k in kinds}
+    masks = warm_start(scores, sparsity, accounting, unit_params)
+    for kind in UNIT_TYPES:
+        masks.setdefault(kind, torch.zeros(shapes[kind], dtype=torch.bool))
+    return SearchResult(masks=masks, scores={})

@@ -5,14 +5,20 @@
 - :func:`parameter_gradient_sum`: sum over examples of the gradient of the adapter's deltas.
 - :func:`parameter_fisher_diagonal`: mean over examples of the squared per-example gradient
   of the adapter's deltas (diagonal empirical Fisher), one backward pass per batch.
+- :class:`RetainStatistics`: the retain side of the mask search, cached across requests and
+  down-dated by removed examples (SPEC §3 "Statistics cache").
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import per_example_losses, to_device
@@ -127,3 +133,50 @@ def parameter_fisher_diagonal(tuner, adapter_name, loader, loss_fn=None, *, devi
         for layer in layers:
             layer.clear_per_example()
     return [s / max(count, 1) for s in sums]
+
+
+@dataclass
+class RetainStatistics:
+    """Retain-side mask-search statistics at the original weights, reusable across requests.
+
+    ``fingerprints[i]`` is the content hash of the example behind row ``i`` (see
+    :func:`peft_mape.data.fingerprint`), so rows of examples removed by later requests can be
+    dropped (down-dated) without recomputing the rest.
+    """
+
+    per_example: dict[str, torch.Tensor]
+    losses: torch.Tensor
+    fingerprints: list[str]
+
+    def without(self, fingerprints) -> "RetainStatistics":
+        """A copy without the rows of the given example fingerprints."""
+        drop = set(fingerprints)
+        keep = [i for i, f in enumerate(self.fingerprints) if f not in drop]
+        index = torch.tensor(keep, dtype=torch.long)
+        return RetainStatistics(
+            {k: v.index_select(0, index) for k, v in self.per_example.items()},
+            self.losses.index_select(0, index),
+            [self.fingerprints[i] for i in keep],
+        )
+
+    def as_mask_gradients(self) -> MaskGradients:
+        return MaskGradients(self.per_example, self.losses)
+
+    def __len__(self) -> int:
+        return len(self.fingerprints)
+
+    def save(self, path) -> None:
+        """Write a safetensors file (tensors; fingerprints in the metadata), atomically."""
+        tensors = {f"per_example.{k}": v.contiguous() for k, v in self.per_example.items()}
+        tensors["losses"] = self.losses.contiguous()
+        tmp = f"{path}.tmp"
+        save_file(tensors, tmp, metadata={"fingerprints": json.dumps(self.fingerprints)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "RetainStatistics":
+        with safe_open(str(path), framework="pt") as handle:
+            fingerprints = json.loads(handle.metadata()["fingerprints"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        per_example = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("per_example.")}
+        return cls(per_example, tensors["losses"], fingerprints)

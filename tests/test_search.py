@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from peft_mape.search import rearrange_layer, search_units, warm_start
+from peft_mape.search import random_selection, rearrange_layer, search_units, warm_start
 
 
-def _stats(seed=0, layers=3, heads=6, filters=20, batch=16):
+def _stats(seed=0, layers=3, heads=6, filters=20, batch=16, forget_batch=4):
+    """Per-example mask gradients [examples, layers, units] of a forget and a retain set."""
     g = torch.Generator().manual_seed(seed)
-    forget = {"heads": torch.randn(layers, heads, generator=g), "filters": torch.randn(layers, filters, generator=g)}
+    forget = {"heads": torch.randn(forget_batch, layers, heads, generator=g),
+              "filters": torch.randn(forget_batch, layers, filters, generator=g)}
     retain = {"heads": torch.randn(batch, layers, heads, generator=g),
               "filters": torch.randn(batch, layers, filters, generator=g)}
     return forget, retain
@@ -43,7 +45,7 @@ def test_units_restriction():
 
 def test_pooled_and_param_weighted_budgets():
     forget, retain = _stats()
-    scores = {k: v + 0.5 * retain[k].pow(2).mean(0) for k, v in forget.items()}
+    scores = {k: v.sum(0) + 0.5 * retain[k].pow(2).mean(0) for k, v in forget.items()}
     pooled = warm_start(scores, 0.75, "pooled")
     total = sum(s.numel() for s in scores.values())
     assert sum(int(m.sum()) for m in pooled.values()) == math.floor(0.25 * total)
@@ -61,7 +63,7 @@ def test_same_inputs_same_selection():
     a = search_units(forget, retain, sparsity=0.8).selection()
     b = search_units(forget, retain, sparsity=0.8).selection()
     assert a == b
-    ties = {"heads": torch.zeros(2, 4), "filters": torch.zeros(2, 4)}
+    ties = {"heads": torch.zeros(1, 2, 4), "filters": torch.zeros(1, 2, 4)}
     zeros = {"heads": torch.zeros(3, 2, 4), "filters": torch.zeros(3, 2, 4)}
     assert search_units(ties, zeros, sparsity=0.5).selection() == search_units(ties, zeros, sparsity=0.5).selection()
 
@@ -69,7 +71,7 @@ def test_same_inputs_same_selection():
 def test_rearrangement_never_raises_the_objective_and_keeps_counts():
     for seed in range(5):
         forget, retain = _stats(seed=seed)
-        g, G = forget["filters"][0], retain["filters"][:, 0]
+        g, G = forget["filters"][:, 0].sum(0), retain["filters"][:, 0]
         start = torch.zeros(20, dtype=torch.bool)
         start[torch.sort(-(g + 0.5 * G.pow(2).mean(0)), stable=True).indices[:5]] = True
         after = rearrange_layer(start, g, G, rounds=2)
@@ -90,3 +92,49 @@ def test_rearrangement_finds_the_correlated_swap():
     after = rearrange_layer(selected, g, G)
     assert after.tolist() == [False, True, False, True]
     assert _objective(~after, g, G) < _objective(~selected, g, G)
+
+
+@pytest.mark.parametrize("objective", ["mlr", "mlf", "norm"])
+@pytest.mark.parametrize("accounting", ["per_type", "pooled", "param_weighted"])
+def test_every_objective_respects_the_budget(objective, accounting):
+    forget, retain = _stats(seed=1)
+    params = {"heads": 40, "filters": 9}
+    result = search_units(forget, retain, sparsity=0.75, accounting=accounting, unit_params=params, objective=objective)
+    total = {k: m.numel() for k, m in result.masks.items()}
+    chosen = result.counts()
+    if accounting == "per_type":
+        assert all(chosen[k] == math.floor(0.25 * total[k]) for k in total)
+    elif accounting == "pooled":
+        assert sum(chosen.values()) == math.floor(0.25 * sum(total.values()))
+    else:
+        assert 0 < sum(chosen[k] * params[k] for k in params) <= 0.25 * sum(total[k] * params[k] for k in params)
+
+
+def test_mlf_swaps_the_roles_of_the_sets():
+    forget, retain = _stats(seed=2)
+    swapped = search_units(retain, forget, sparsity=0.7, objective="mlr")
+    mlf = search_units(forget, retain, sparsity=0.7, objective="mlf")
+    assert mlf.selection() == swapped.selection()
+    assert mlf.selection() != search_units(forget, retain, sparsity=0.7).selection()
+
+
+def test_norm_ranks_by_summed_absolute_forget_gradient_without_retain():
+    forget = {"heads": torch.zeros(2, 1, 4), "filters": torch.zeros(2, 1, 4)}
+    # Unit 1 has a large gradient of opposite signs (signed sum 0): NORM must still pick it.
+    forget["heads"][0, 0] = torch.tensor([0.1, 5.0, 0.2, 0.0])
+    forget["heads"][1, 0] = torch.tensor([0.1, -5.0, 0.2, 0.0])
+    result = search_units(forget, None, sparsity=0.5, units="heads", objective="norm")
+    assert result.selection()["heads"] == {"0": [1, 2]}
+    assert torch.allclose(result.scores["heads"][0], torch.tensor([0.2, 10.0, 0.4, 0.0]))
+    with pytest.raises(ValueError, match="needs retain statistics"):
+        search_units(forget, None, sparsity=0.5, objective="mlr")
+    with pytest.raises(ValueError, match="objective"):
+        search_units(forget, None, sparsity=0.5, objective="mystery")
+
+
+def test_random_selection_is_seeded_and_budgeted():
+    shapes = {"heads": (3, 6), "filters": (3, 20)}
+    a = random_selection(shapes, 0.8, seed=1)
+    assert a.selection() == random_selection(shapes, 0.8, seed=1).selection()
+    assert a.selection() != random_selection(shapes, 0.8, seed=2).selection()
+    assert a.counts() == {"heads": math.floor(0.2 * 18), "filters": math.floor(0.2 * 60)}

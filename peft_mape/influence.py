@@ -1,0 +1,164 @@
+"""Influence (IHVP) step on a set of parameters (SPEC §4 "Influence", shared with §7).
+
+Removing the examples z_1..z_k from a model trained to a minimum of the mean loss over n
+examples moves the parameters, to first order, by
+
+    delta = (1/n) (H + lambda I)^-1 b,      b = sum_i grad l(z_i),
+
+with H the Hessian of the mean training loss (estimated on the retain sample) and lambda a
+damping that keeps the system well posed (the Hessian of a fine-tuned network is
+ill-conditioned and can be indefinite). H is never formed: the solvers only need
+Hessian-vector products, computed by double backward (dropout off, so every product sees the
+same function). Two solvers:
+
+- ``"cg"``: conjugate gradients on the full Hessian sample (deterministic);
+- ``"adam"``: minimise the quadratic 1/2 x^T (H + lambda) x - b^T x with Adam, one mini-batch
+  Hessian-vector product per step (stochastic, cheaper per step).
+
+Both report the relative residual ||(H + lambda) x - b|| / ||b|| on the whole Hessian sample.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from .data import per_example_losses, to_device
+from .statistics import eval_mode
+
+SOLVERS = ("cg", "adam")
+Vector = list[torch.Tensor]
+
+
+def _dot(a: Vector, b: Vector) -> torch.Tensor:
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+
+
+def _axpy(alpha, x: Vector, y: Vector) -> Vector:
+    """alpha * x + y."""
+    return [alpha * xi + yi for xi, yi in zip(x, y)]
+
+
+def _norm(v: Vector) -> float:
+    return math.sqrt(float(_dot(v, v)))
+
+
+def hessian_vector_product(model, params: Sequence[torch.Tensor], batches, vector: Vector, loss_fn=None, *,
+                           device) -> Vector:
+    """H v for H the Hessian of the mean per-example loss over ``batches``, by double backward."""
+    total = [torch.zeros_like(p) for p in params]
+    count = 0
+    # The fused CPU/GPU attention kernels have no double backward; the math kernel is plain
+    # autograd ops and gives the same function.
+    with eval_mode(model), sdpa_kernel(SDPBackend.MATH):
+        for batch in batches:
+            batch = to_device(batch, device)
+            losses = per_example_losses(model, batch, loss_fn)
+            grads = torch.autograd.grad(losses.sum(), params, create_graph=True)
+            directional = sum((g * v.to(g.dtype)).sum() for g, v in zip(grads, vector))
+            # A parameter the gradient does not depend on has a zero Hessian row.
+            for acc, hv in zip(total, torch.autograd.grad(directional, params, allow_unused=True)):
+                if hv is not None:
+                    acc.add_(hv.detach())
+            count += losses.shape[0]
+    return [t / max(count, 1) for t in total]
+
+
+@dataclass
+class InfluenceSolution:
+    """The solution x of (H + lambda I) x = b and how well it solves the system."""
+
+    solution: Vector
+    iterations: int
+    relative_residual: float
+    negative_curvature: bool = False
+
+
+def solve_damped_system(model, params: Sequence[torch.Tensor], rhs: Vector, hessian_loader, loss_fn=None, *,
+                        device, damping: float, solver: str = "cg", steps: Optional[int] = None,
+                        lr: float = 1e-2, tolerance: float = 1e-3, progress: bool = True) -> InfluenceSolution:
+    """Solve (H + damping I) x = rhs with Hessian-vector products over ``hessian_loader``."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown influence solver {solver!r}; choose one of {list(SOLVERS)}")
+    if damping < 0:
+        raise ValueError(f"the damping must be >= 0, got {damping}")
+    params = list(params)
+    rhs = [r.detach().to(p.dtype) for r, p in zip(rhs, params)]
+    batches = list(hessian_loader)
+    if not batches:
+        raise ValueError("the influence step needs a non-empty retain sample for the Hessian")
+
+    def damped_product(v: Vector, sample=batches) -> Vector:
+        hv = hessian_vector_product(model, params, sample, v, loss_fn, device=device)
+        return _axpy(damping, v, hv)
+
+    if solver == "cg":
+        x, iterations, negative = _conjugate_gradients(damped_product, rhs, steps or 10, tolerance, progress)
+    else:
+        x, iterations, negative = _adam_quadratic(damped_product, rhs, batches, steps or 100, lr, progress)
+    residual = _axpy(-1.0, rhs, damped_product(x))
+    rhs_norm = _norm(rhs)
+    return InfluenceSolution(x, iterations, _norm(residual) / rhs_norm if rhs_norm > 0 else 0.0, negative)
+
+
+def _conjugate_gradients(product, rhs: Vector, steps: int, tolerance: float, progress: bool):
+    x = [torch.zeros_like(r) for r in rhs]
+    residual = [r.clone() for r in rhs]
+    direction = [r.clone() for r in rhs]
+    rr = _dot(residual, residual)
+    target = tolerance**2 * float(rr)
+    negative, iterations = False, 0
+    for _ in tqdm(range(steps), desc="influence (cg)", disable=not progress, leave=False):
+        if float(rr) <= target:
+            break
+        a_dir = product(direction)
+        curvature = _dot(direction, a_dir)
+        if float(curvature) <= 0:
+            # The damped Hessian is not positive definite along this direction: stop with the
+            # current iterate rather than step to a saddle; the caller sees it in the report.
+            negative = True
+            break
+        alpha = float(rr / curvature)
+        x = _axpy(alpha, direction, x)
+        residual = _axpy(-alpha, a_dir, residual)
+        rr_next = _dot(residual, residual)
+        direction = _axpy(float(rr_next / rr), direction, residual)
+        rr = rr_next
+        iterations += 1
+    return x, iterations, negative
+
+
+def _adam_quadratic(product, rhs: Vector, batches, steps: int, lr: float, progress: bool):
+    """Adam on q(x) = 1/2 x^T A x - b^T x, whose gradient A x - b uses one mini-batch product."""
+    x = [torch.zeros_like(r, requires_grad=True) for r in rhs]
+    optimizer = torch.optim.Adam(x, lr=lr)
+    cycle = itertools.cycle(batches)
+    for _ in tqdm(range(steps), desc="influence (adam)", disable=not progress, leave=False):
+        with torch.no_grad():
+            detached = [xi.detach() for xi in x]
+        gradient = _axpy(-1.0, rhs, product(detached, [next(cycle)]))
+        for xi, gi in zip(x, gradient):
+            xi.grad = gi.to(xi.dtype)
+        optimizer.step()
+    return [xi.detach() for xi in x], steps, False
+
+
+def influence_step(params: Sequence[torch.nn.Parameter], solution: Vector, *, num_train_examples: int) -> float:
+    """theta <- theta + x / n in place; returns the update's L2 norm."""
+    if num_train_examples <= 0:
+        raise ValueError(f"num_train_examples must be positive, got {num_train_examples}")
+    squared = 0.0
+    with torch.no_grad():
+        for param, x in zip(params, solution):
+            step = x / num_train_examples
+            if not torch.isfinite(step).all():
+                raise FloatingPointError("the influence step is not finite (NaN/inf in the solution)")
+            param.add_(step.to(param.dtype))
+            squared += float(step.double().pow(2).sum())
+    return math.sqrt(squared)
