@@ -3,7 +3,8 @@
 PEFT writes adapter files straight into the target directory, so a crash mid-save can leave a
 half-written adapter behind. For MAPE models we write into a temporary sibling directory and
 rename it into place; a previous directory of the same name is only removed once the new one
-is complete.
+is complete. The request log and cached retain statistics of successive requests are written
+into the same directory (see ``requests.py``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,13 @@ def install_atomic_save() -> None:
     def save_pretrained(self, save_directory, *args, **kwargs):
         if not _has_mape(self) or os.path.isfile(save_directory):
             return original(self, save_directory, *args, **kwargs)
-        atomic_directory_write(lambda tmp: original(self, tmp, *args, **kwargs), save_directory)
+        from .requests import save_request_state
+
+        def write(tmp):
+            original(self, tmp, *args, **kwargs)
+            save_request_state(self.base_model, tmp)  # request log + cached retain statistics
+
+        atomic_directory_write(write, save_directory)
 
     save_pretrained._mape_atomic = True
     PeftModel.save_pretrained = save_pretrained

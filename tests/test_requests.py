@@ -1,0 +1,140 @@
+"""Successive requests: memory-free and memory-aided modes, cached retain statistics, the request
+log, and saving/reloading several request adapters together."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from peft import get_peft_model
+from safetensors import safe_open
+
+import peft_mape
+from peft_mape import MAPEConfig
+from peft_mape.data import fingerprint, pad_collate
+from peft_mape.statistics import RetainStatistics
+
+from conftest import tiny_examples, tiny_model
+from test_methods import _memorised_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Deterministic closed-form updates make "equals a reference" an exact statement.
+SO = dict(method="so", damping=1.0, so_scale=0.03, num_train_examples=30, progress=False)
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    torch.set_num_threads(1)
+    return _memorised_lm()
+
+
+def _peft(memorised, sparsity=0.5):
+    model, forget, retain = memorised
+    clone = tiny_model("llama")
+    clone.load_state_dict(model.state_dict())
+    return get_peft_model(clone.eval(), MAPEConfig(sparsity=sparsity)), forget, retain
+
+
+def _logits(model, examples):
+    with torch.no_grad():
+        batch = pad_collate(examples)
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def _deltas(tuner, name):
+    return [p.detach().clone() for p in tuner.adapter_parameters(name)]
+
+
+def test_memory_free_requests_stack_adapters_and_log_them(memorised):
+    model, forget, retain = _peft(memorised)
+    training = forget + retain
+    first = model.unlearn_request(forget[:3], training, **SO)
+    second = model.unlearn_request(forget[3:], training, **SO)
+    tuner = model.base_model
+    assert tuner.active_adapters == ["default", "request-1", "request-2"]
+    log = model.request_log
+    assert log.names() == ["request-1", "request-2"] and [r.mode for r in log.records] == ["memory_free"] * 2
+    assert log.removed() == {fingerprint(e) for e in forget}
+    # The second request's retain set left out the first request's examples (and its own).
+    assert second.num_retain == len(retain) and first.num_retain == len(retain) + 3
+    assert any("removed by earlier requests" in w for w in second.warnings)
+    # Contents never enter the log: only hashes.
+    dumped = json.dumps(log.to_dict())
+    assert str(forget[0]["input_ids"].tolist()) not in dumped
+    # Both deltas act: outputs differ from the model with only the first request.
+    both = _logits(model, forget)
+    with tuner.muted(["request-2"]):
+        only_first = _logits(model, forget)
+    assert not torch.allclose(both, only_first)
+
+
+def test_memory_aided_request_equals_a_from_original_reference(memorised):
+    model, forget, retain = _peft(memorised)
+    training = forget + retain
+    stats = model.precompute_retain_statistics(training, progress=False)
+    assert len(stats) == len(training)
+    model.unlearn_request(forget[:3], training, mode="memory_aided", **SO)
+    model.unlearn_request(forget[3:], training, mode="memory_aided", **SO)
+    aided = _deltas(model.base_model, "request-2")
+    assert model.base_model.peft_config["request-2"].selection
+
+    # Reference: the original model, one request erasing forget[3:] with forget[:3] already gone.
+    reference, _, _ = _peft(memorised)
+    reference.unlearn(forget[3:], retain, **SO)
+    assert reference.base_model.peft_config["default"].selection == model.base_model.peft_config["request-2"].selection
+    for a, b in zip(aided, _deltas(reference.base_model, "default")):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_cached_statistics_down_date_to_a_fresh_computation(memorised, tmp_path):
+    model, forget, retain = _peft(memorised)
+    stats = model.precompute_retain_statistics(forget + retain, progress=False)
+    fresh, _, _ = _peft(memorised)
+    expected = fresh.precompute_retain_statistics(retain, progress=False)
+    down = stats.without({fingerprint(e) for e in forget})
+    assert down.fingerprints == expected.fingerprints
+    for kind in ("heads", "filters"):
+        assert torch.allclose(down.per_example[kind], expected.per_example[kind], rtol=1e-5, atol=1e-7)
+    stats.save(tmp_path / "stats.safetensors")
+    with safe_open(str(tmp_path / "stats.safetensors"), framework="pt") as handle:
+        assert set(handle.keys()) == {"per_example.heads", "per_example.filters", "losses"}
+    loaded = RetainStatistics.load(tmp_path / "stats.safetensors")
+    assert loaded.fingerprints == stats.fingerprints and torch.equal(loaded.losses, stats.losses)
+
+
+def test_two_request_adapters_save_reload_and_act_together(memorised, tmp_path):
+    model, forget, retain = _peft(memorised)
+    model.precompute_retain_statistics(forget + retain, progress=False)
+    model.unlearn_request(forget[:3], forget + retain, name="erase-a", mode="memory_aided", **SO)
+    model.unlearn_request(forget[3:], forget + retain, name="erase-b", mode="memory_aided", **SO)
+    expected = _logits(model, forget + retain[:4])
+    model.save_pretrained(tmp_path / "requests")
+    files = {p.name for p in (tmp_path / "requests").iterdir()}
+    assert {"requests.json", "retain_statistics.safetensors", "erase-a", "erase-b"} <= files
+
+    base_dir = tmp_path / "base"
+    memorised[0].save_pretrained(base_dir)
+    base = T.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    reloaded = peft_mape.load_requests(base, tmp_path / "requests")
+    assert reloaded.base_model.active_adapters[-2:] == ["erase-a", "erase-b"]
+    assert reloaded.request_log.names() == ["erase-a", "erase-b"]
+    assert reloaded.base_model.retain_statistics is not None
+    assert torch.allclose(_logits(reloaded, forget + retain[:4]), expected, atol=1e-6)
+
+
+def test_request_errors_leave_no_adapter_behind(memorised):
+    model, forget, retain = _peft(memorised)
+    with pytest.raises(ValueError, match="precompute_retain_statistics"):
+        model.unlearn_request(forget, retain, mode="memory_aided", **SO)
+    with pytest.raises(ValueError, match="mode"):
+        model.unlearn_request(forget, retain, mode="sometimes", **SO)
+    with pytest.raises(ValueError, match="unknown unlearning method"):
+        model.unlearn_request(forget, retain, method="mystery")
+    assert set(model.base_model.peft_config) == {"default"}
+    assert model.base_model.active_adapters == ["default"] and len(model.request_log) == 0
+    model.unlearn_request(forget, retain, name="first", **SO)
+    with pytest.raises(ValueError, match="already exists"):
+        model.unlearn_request(forget, retain, name="first", **SO)
