@@ -28,10 +28,10 @@ from ..updates import StepLosses, UpdateLoss, optimise
 MetricFn = Callable[[torch.nn.Module, object], dict]
 
 
-class Relearn(UpdateLoss):
-    """Descent on the loop's "forget" batches, which here are the attacker's examples."""
+class Descent(UpdateLoss):
+    """Plain descent on the loop's "forget" batches (the attacker's examples; retraining's data)."""
 
-    name = "relearn"
+    name = "descent"
 
     def __call__(self, losses: StepLosses) -> torch.Tensor:
         return losses.forget.mean()
@@ -130,7 +130,7 @@ def relearning_attack(model, forget, *, steps: int = 5, lr: float = 1e-4, batch_
         for p in all_params:  # gradients only where the attacker tunes
             p.requires_grad_(id(p) in tuned_ids)
         torch.manual_seed(seed)
-        loop = optimise(model, tuned, Relearn(), attack_loader, device=device, loss_fn=loss_fn, lr=lr,
+        loop = optimise(model, tuned, Descent(), attack_loader, device=device, loss_fn=loss_fn, lr=lr,
                         max_steps=steps, progress=progress)
         after = {part: evaluate(model, loader) for part, loader in loaders.items()}
     finally:
