@@ -1,0 +1,55 @@
+"""Plots: PNG files are written, non-empty, and bad input is named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peft_mape.evaluation import RequestCurve
+from peft_mape.inspection import selection_summary
+from peft_mape.plots import (
+    head_matrix, plot_filters_per_layer, plot_head_heatmap, plot_metric_bars, plot_request_curves, plot_selection,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+@pytest.fixture
+def summary():
+    return selection_summary({"heads": {"0": [1], "2": [0, 3]}, "filters": {1: [4, 5, 6]}},
+                             num_layers=3, num_heads=4, num_filters=24)
+
+
+def test_head_matrix_marks_the_selected_heads(summary):
+    matrix = head_matrix(summary)
+    assert matrix.shape == (4, 3)
+    assert list(zip(*np.nonzero(matrix))) == [(0, 2), (1, 0), (3, 2)]
+
+
+def test_selection_plots_are_pngs(tmp_path, summary):
+    for fn in (plot_selection, plot_head_heatmap, plot_filters_per_layer):
+        path = fn(summary, tmp_path / f"{fn.__name__}.png", title="request 1")
+        assert _is_png(path)
+    # totals unknown (no architecture): still drawable from the selection alone
+    assert _is_png(plot_selection(selection_summary({"heads": {"1": [2]}}), tmp_path / "bare.png"))
+
+
+def test_metric_bars_and_request_curves(tmp_path):
+    rows = {"original": {"forget_acc": 0.9, "test_acc": 0.7}, "retrain": {"forget_acc": 0.7, "test_acc": 0.7},
+            "MAPE": {"forget_acc": 0.72, "test_acc": 0.71}, "LoRA-GA": {"forget_acc": 0.6}}
+    assert _is_png(plot_metric_bars(rows, ["forget_acc", "test_acc"], tmp_path / "bars.png"))
+    curve = RequestCurve("MAPE", [{"request": 0, "test_acc": 0.7}, {"request": 1, "test_acc": 0.69}])
+    assert _is_png(plot_request_curves([curve], "test_acc", tmp_path / "curves.png"))
+    assert _is_png(plot_request_curves({"full GA": ([0, 1, 2], [0.7, 0.6, 0.5])}, "test_acc", tmp_path / "c2.png"))
+
+
+def test_bad_plot_input_is_named(tmp_path, summary):
+    with pytest.raises(ValueError, match="must end in .png"):
+        plot_selection(summary, tmp_path / "plot.jpg")
+    with pytest.raises(ValueError, match="at least one row and one metric"):
+        plot_metric_bars({}, ["test_acc"], tmp_path / "x.png")
