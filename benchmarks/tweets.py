@@ -1,0 +1,302 @@
+"""Tweets classification benchmark: every method and baseline side by side, a relearning attack,
+and 10 successive requests (issue #4; SPEC §8).
+
+Setup (shared with the demo, ``examples/demo_tweets.py``, cached): all-MiniLM-L6-v2 fine-tuned on
+2,000 clean + 64 label-flipped tweets. Two erasure requests on the same original:
+
+- **random**: 128 random clean training tweets; loop methods stop when the forget loss reaches
+  the holdout loss (the forget set then looks unseen);
+- **mislabelled**: the 64 flipped tweets; clean held-out data is the wrong reference for label
+  noise (their loss is already above it), so loop methods run a fixed budget of
+  ``--mislabelled-steps`` steps instead.
+
+Rows: original, retrain (gold), MAPE with GradDiff (default) / GA / NPO / SO / influence, random
+units at the same sparsity (GradDiff), SalUn-style weight saliency at MAPE's parameter budget
+(GradDiff), LoRA-restricted GA, and full-parameter SO / GA / GradDiff / NPO. Every row of the
+random request also gets a relearning attack (5 steps on half of the forget set). Then 10
+successive requests of 16 tweets each: MAPE memory-free, MAPE memory-aided, and full-parameter
+GradDiff, against a retrain without all 160.
+
+Writes ``tweets.json``, ``tweets.md`` and PNG plots to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+import peft_mape
+from peft_mape.baselines import lora_unlearn, salun_unlearn
+from peft_mape.data import make_loader
+from peft_mape.evaluation import classification_metrics, relearning_attack, successive_request_curve
+from peft_mape.profiling import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("demo_tweets", ROOT / "examples" / "demo_tweets.py")
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+
+FULL = {"selection": "all"}
+# (row label, kind, keyword arguments). "mape" rows go through model.unlearn(); SO/influence get
+# num_train_examples; loop methods get the scenario's stopping rule.
+METHODS = [
+    ("MAPE-GradDiff (default)", "mape", {}),
+    ("MAPE-GA", "mape", {"method": "ga"}),
+    ("MAPE-NPO", "mape", {"method": "npo"}),
+    ("MAPE-SO", "mape", {"method": "so"}),
+    ("MAPE-influence", "mape", {"method": "influence", "hessian_damping": 1.0, "solver_steps": 5,
+                                "hessian_examples": 64}),
+    ("random units (GradDiff)", "mape", {"selection": "random"}),
+    ("SalUn saliency (GradDiff)", "salun", {"method": "graddiff"}),
+    ("LoRA GA", "lora", {"method": "ga"}),
+    ("full SO", "mape", {"method": "so", **FULL}),
+    ("full GA", "mape", {"method": "ga", **FULL}),
+    ("full GradDiff", "mape", {"method": "graddiff", **FULL}),
+    ("full NPO", "mape", {"method": "npo", **FULL}),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--retain-sample", type=int, default=256, help="MAPEConfig.max_retain_examples")
+    p.add_argument("--mislabelled-steps", type=int, default=20)
+    p.add_argument("--requests", type=int, default=10)
+    p.add_argument("--request-size", type=int, default=16)
+    p.add_argument("--relearn-steps", type=int, default=5)
+    p.add_argument("--relearn-lr", type=float, default=1e-4)
+    p.add_argument("--quick", action="store_true", help="a smoke run: small sets, few rows")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args, rest = p.parse_known_args(argv)
+    demo_args = demo.parse_args(rest)
+    if args.quick:
+        demo_args.train_size, demo_args.mislabelled, demo_args.forget_random = 300, 16, 24
+        demo_args.test_size, demo_args.holdout_size, demo_args.epochs = 100, 60, 2
+        args.requests, args.request_size, args.retain_sample = 3, 8, 64
+    return args, demo_args
+
+
+class Scenario:
+    """One erasure request on the shared original: its sets, metrics and stopping rule."""
+
+    def __init__(self, name, original, train, holdout, test, forget_idx, args, demo_args):
+        self.name, self.original, self.args, self.demo_args = name, original, args, demo_args
+        removed = set(forget_idx)
+        self.forget = demo.as_examples(train.select(forget_idx))
+        self.retain_ds = train.select([i for i in range(len(train)) if i not in removed])
+        self.retain = demo.as_examples(self.retain_ds)
+        eval_size = min(demo_args.retain_eval_size, len(self.retain_ds))
+        self.retain_eval = demo.as_examples(self.retain_ds.shuffle(seed=demo_args.seed).select(range(eval_size)))
+        self.test, self.holdout = demo.as_examples(test), demo.as_examples(holdout)
+        self.num_train = len(train)
+
+    def stopping(self, method: str) -> dict:
+        if method in ("so", "influence"):
+            return {"num_train_examples": self.num_train}
+        if self.name == "mislabelled":
+            return {"max_steps": self.args.mislabelled_steps}
+        return {"holdout": self.holdout}
+
+    def metrics(self, model) -> dict:
+        m = classification_metrics(model, make_loader(self.forget, 64), make_loader(self.test, 64),
+                                   make_loader(self.retain_eval, 64))
+        return {k: 100 * v if k.endswith("_acc") else v for k, v in m.items()}
+
+
+def run_method(scenario: Scenario, label, kind, kwargs, default_report):
+    """One row: a fresh copy of the original, the method, its metrics and wall time."""
+    kwargs = dict(kwargs)
+    model = copy.deepcopy(scenario.original)
+    seed = scenario.demo_args.seed
+    method = kwargs.get("method", peft_mape.DEFAULT_METHOD)
+    stopping = scenario.stopping(method)
+    with measure("cpu") as clock:
+        if kind == "mape":
+            model = get_peft_model(model, peft_mape.MAPEConfig(max_retain_examples=scenario.args.retain_sample))
+            report = model.unlearn(scenario.forget, scenario.retain, seed=seed, progress=False, **stopping, **kwargs)
+            info = {"heads": report.num_selected_heads, "filters": report.num_selected_filters,
+                    "trainable_parameters": report.trainable_parameters, "steps": report.steps,
+                    "update_norm": report.update_norm, "selection": {"heads": report.selected_heads,
+                                                                      "filters": report.selected_filters},
+                    "diagnostics": {k: v for k, v in report.diagnostics.items() if k != "forget_loss_trace"}}
+        else:
+            retain = scenario.retain[: scenario.args.retain_sample]
+            stopping = {k: v for k, v in stopping.items() if k != "num_train_examples"}
+            if kind == "salun":
+                # MAPE's exact parameter budget; if the default made no update, the same fraction
+                # of the projection weights that the sparsity leaves updatable.
+                budget = default_report["trainable_parameters"]
+                size = {"num_weights": budget} if budget else {"density": 1.0 - peft_mape.MAPEConfig().sparsity}
+                report = salun_unlearn(model, scenario.forget, retain, seed=seed, **size, **stopping, **kwargs)
+            else:
+                model, report = lora_unlearn(model, scenario.forget, retain, seed=seed, **stopping, **kwargs)
+            info = {"trainable_parameters": report["trainable_parameters"], "steps": report["steps"]}
+    row = {"method": label, **scenario.metrics(model), "seconds": clock.seconds, **info}
+    return model, row
+
+
+def run_scenario(scenario: Scenario, methods, relearn: bool):
+    print(f"\n== {scenario.name}: erase {len(scenario.forget)} of {scenario.num_train} training tweets ==", flush=True)
+    rows = [{"method": "original", **scenario.metrics(scenario.original)}]
+    models = {"original": scenario.original}
+    retrained, meta = demo.fine_tune(scenario.retain_ds, scenario.demo_args, f"retrain-{scenario.name}")
+    rows.append({"method": "retrain (gold)", **scenario.metrics(retrained), "seconds": meta["seconds"]})
+    models["retrain (gold)"] = retrained
+    default_report = None
+    for label, kind, kwargs in methods:
+        model, row = run_method(scenario, label, kind, kwargs, default_report)
+        if default_report is None:
+            default_report = row
+        rows.append(row)
+        models[label] = model
+        print(f"  {label:<28} forget {row['forget_acc']:5.1f}  retain {row['retain_acc']:5.1f}  "
+              f"test {row['test_acc']:5.1f}  MIA {row['mia_loss']:.3f}  {row['seconds']:6.1f}s", flush=True)
+    if relearn:
+        for row in rows:
+            attack = relearning_attack(models[row["method"]], scenario.forget, steps=scenario.args.relearn_steps,
+                                       lr=scenario.args.relearn_lr, seed=scenario.demo_args.seed)
+            row["relearn"] = {"heldout_acc_before": 100 * attack.before["heldout"]["acc"],
+                              "heldout_acc_after": 100 * attack.after["heldout"]["acc"],
+                              "all_acc_after": 100 * attack.after["all"]["acc"]}
+    return {"scenario": scenario.name, "num_forget": len(scenario.forget), "num_train": scenario.num_train,
+            "retrain_seconds": meta["seconds"], "rows": rows}
+
+
+def run_successive(original, train, holdout, test, forget_sets, args, demo_args):
+    """10 requests of 16 clean training tweets: MAPE memory-free / memory-aided, full GradDiff."""
+    taken = set(forget_sets["random"]) | set(forget_sets["mislabelled"])
+    pool = [i for i in range(len(train)) if i not in taken]
+    chosen = random.Random(demo_args.seed + 1).sample(pool, args.requests * args.request_size)
+    request_idx = [chosen[r * args.request_size:(r + 1) * args.request_size] for r in range(args.requests)]
+    all_removed = set(chosen)
+    retain_ds = train.select([i for i in range(len(train)) if i not in all_removed])
+    retain = demo.as_examples(train.select([i for i in range(len(train)) if i not in taken]))
+    test_ex, holdout_ex = demo.as_examples(test), demo.as_examples(holdout)
+    requests = [demo.as_examples(train.select(idx)) for idx in request_idx]
+
+    def metrics_after(model, upto):
+        removed = [e for r in requests[:upto] for e in r] or requests[0]
+        m = classification_metrics(model, make_loader(removed, 64), make_loader(test_ex, 64))
+        return {"forget_acc": 100 * m["forget_acc"], "test_acc": 100 * m["test_acc"], "mia_loss": m["mia_loss"]}
+
+    curves = []
+    variants = [("MAPE memory-free", "memory_free", {}), ("MAPE memory-aided", "memory_aided", {}),
+                ("full GradDiff", "memory_free", FULL)]
+    for label, mode, extra in variants:
+        model = get_peft_model(copy.deepcopy(original), peft_mape.MAPEConfig(max_retain_examples=args.retain_sample))
+        if mode == "memory_aided":
+            model.precompute_retain_statistics(retain, seed=demo_args.seed, progress=False)
+
+        def apply(i, request, model=model, mode=mode, extra=extra):
+            report = model.unlearn_request(request, retain, mode=mode, holdout=holdout_ex, seed=demo_args.seed,
+                                           progress=False, **extra)
+            return {"steps": report.steps, "heads": report.num_selected_heads, "filters": report.num_selected_filters}
+
+        curve = successive_request_curve(requests, apply, lambda i, model=model: metrics_after(model, i), label=label)
+        curves.append(curve.to_dict())
+        last = curve.points[-1]
+        print(f"  successive {label:<20} after {args.requests}: forget {last['forget_acc']:5.1f} "
+              f"test {last['test_acc']:5.1f}  total {sum(p['seconds'] for p in curve.points):.0f}s", flush=True)
+    retrained, meta = demo.fine_tune(retain_ds, demo_args, "retrain-successive")
+    gold = {"seconds": meta["seconds"], **metrics_after(retrained, args.requests)}
+    return {"requests": args.requests, "request_size": args.request_size, "curves": curves, "retrain": gold}
+
+
+def markdown(results) -> str:
+    lines = []
+    for sc in results["scenarios"]:
+        lines += [f"### Erasing {sc['num_forget']} {sc['scenario']} training tweets (of {sc['num_train']})", "",
+                  "| method | forget acc | retain acc | test acc | MIA loss | MIA conf. | MIA entropy | time (s) "
+                  "| % of retrain | trainable params | relearned held-out acc |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sc["rows"]:
+            secs = r.get("seconds")
+            pct = f"{100 * secs / sc['retrain_seconds']:.1f}" if secs else "–"
+            relearn = r.get("relearn")
+            relearned = f"{relearn['heldout_acc_before']:.1f} → {relearn['heldout_acc_after']:.1f}" if relearn else "–"
+            params = f"{r['trainable_parameters']:,}" if "trainable_parameters" in r else "–"
+            lines.append(
+                f"| {r['method']} | {r['forget_acc']:.1f} | {r['retain_acc']:.1f} | {r['test_acc']:.1f} | "
+                f"{r['mia_loss']:.3f} | {r['mia_confidence']:.3f} | {r['mia_entropy']:.3f} | "
+                f"{'–' if secs is None else f'{secs:.1f}'} | {pct} | {params} | {relearned} |"
+            )
+        lines.append("")
+    succ = results.get("successive")
+    if succ:
+        lines += [f"### {succ['requests']} successive requests of {succ['request_size']} tweets", "",
+                  "| method | forget acc after all | test acc after all | MIA loss after all | total time (s) |",
+                  "|---|---|---|---|---|"]
+        for curve in succ["curves"]:
+            last = curve["points"][-1]
+            total = sum(p["seconds"] for p in curve["points"])
+            lines.append(f"| {curve['label']} | {last['forget_acc']:.1f} | {last['test_acc']:.1f} | "
+                         f"{last['mia_loss']:.3f} | {total:.0f} |")
+        gold = succ["retrain"]
+        lines.append(f"| retrain without all (gold) | {gold['forget_acc']:.1f} | {gold['test_acc']:.1f} | "
+                     f"{gold['mia_loss']:.3f} | {gold['seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def make_plots(results, out: Path) -> list[str]:
+    from peft_mape import plots
+
+    written = []
+    for sc in results["scenarios"]:
+        path = out / f"tweets_{sc['scenario']}_metrics.png"
+        plots.metric_bars(sc["rows"], ["forget_acc", "retain_acc", "test_acc"], path,
+                          title=f"Tweets, {sc['scenario']} forget set")
+        written.append(path.name)
+        default = next(r for r in sc["rows"] if r["method"].endswith("(default)"))
+        if default.get("selection", {}).get("heads") or default.get("selection", {}).get("filters"):
+            path = out / f"tweets_{sc['scenario']}_selection.png"
+            plots.selection_figure(default["selection"], path, num_layers=6, num_heads=12, num_filters=1536,
+                                   title=f"MAPE selection, {sc['scenario']} forget set")
+            written.append(path.name)
+    if results.get("successive"):
+        path = out / "tweets_successive.png"
+        plots.request_curves(results["successive"]["curves"], ["forget_acc", "test_acc"], path,
+                             reference=results["successive"]["retrain"])
+        written.append(path.name)
+    return written
+
+
+def main(argv=None):
+    args, demo_args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    train, holdout, test, forget_sets = demo.prepare_data(demo_args)
+    original, meta = demo.fine_tune(train, demo_args, "original")
+    print(f"original: {len(train)} tweets, fine-tuned in {meta['seconds']:.0f}s (cached after the first run)", flush=True)
+    methods = METHODS[:3] + METHODS[5:8] + METHODS[9:10] if args.quick else METHODS
+    results = {"args": {k: str(v) for k, v in {**vars(demo_args), **vars(args)}.items()},
+               "original_train_seconds": meta["seconds"], "scenarios": []}
+    for name, idx in forget_sets.items():
+        scenario = Scenario(name, original, train, holdout, test, idx, args, demo_args)
+        results["scenarios"].append(run_scenario(scenario, methods, relearn=name == "random"))
+    print("\n== successive requests ==", flush=True)
+    results["successive"] = run_successive(original, train, holdout, test, forget_sets, args, demo_args)
+    results["total_seconds"] = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "tweets_quick" if args.quick else "tweets"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (args.out / f"{stem}.md").write_text(table)
+    if not args.quick:
+        results["plots"] = make_plots(results, args.out)
+    print("\n" + table)
+    print(f"total {results['total_seconds']:.0f}s; results in {args.out}/{stem}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
