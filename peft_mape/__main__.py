@@ -1,0 +1,8 @@
+"""``python -m peft_mape``: the ``peft-mape`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""The ``peft-mape`` command (also ``python -m peft_mape``): unlearn, evaluate, inspect.
+
+    peft-mape unlearn  --model DIR --forget FILE [--retain FILE] [--holdout FILE] [--test FILE] --out DIR
+    peft-mape evaluate --model DIR [--adapter DIR] --forget FILE --test FILE [--out FILE]
+    peft-mape inspect  ADAPTER [--plot selection.png]
+
+Data files are CSV, JSON or JSON Lines, read with ``datasets``. Sequence classifiers read a text
+and a label column; causal LMs a text column (every token scored) or question + answer columns
+(the answer scored). Errors are one line on stderr, ``peft-mape: error: ...``, with exit status 1
+(2 for bad command-line usage); set ``PEFT_MAPE_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+PROG = "peft-mape"
+SELECTION_CHOICES = ("search", "all", "random")
+
+
+class CLIError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyError) and text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]
+    return text or type(error).__name__
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _data_options() -> argparse.ArgumentParser:
+    """Options shared by the commands that read data files and a model."""
+    parent = _Parser(add_help=False)
+    group = parent.add_argument_group("data and model options")
+    group.add_argument("--task", choices=("classification", "causal-lm"),
+                       help="model task (default: from the architectures in the model's config.json)")
+    group.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
+    group.add_argument("--text-column", default="text", metavar="NAME", help="text column (default: %(default)s)")
+    group.add_argument("--label-column", default="label", metavar="NAME",
+                       help="label column of classification data, integers or the model's label names "
+                            "(default: %(default)s)")
+    group.add_argument("--question-column", metavar="NAME",
+                       help="causal LMs: question column; with --answer-column only the answer is scored")
+    group.add_argument("--answer-column", metavar="NAME", help="causal LMs: answer column")
+    group.add_argument("--max-length", type=int, default=128, metavar="N",
+                       help="truncate examples to N tokens (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=16, metavar="N", help="batch size (default: %(default)s)")
+    group.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    group.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .unlearn import DEFAULT_METHOD, METHODS
+
+    parser = _Parser(prog=PROG, description="Machine unlearning for HuggingFace models with MAPE-Unlearn "
+                                            "(module-aware parameter-efficient unlearning).",
+                     epilog="Run 'peft-mape COMMAND --help' for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    data = _data_options()
+
+    p = commands.add_parser(
+        "unlearn", parents=[data], help="erase a forget set into a MAPE adapter (+ audit report)",
+        description="Erase the influence of the forget set from a fine-tuned model: search the heads and "
+                    "filters that carry it, update only their parameters, and save the result as a PEFT "
+                    "adapter in --out together with audit_report.json (a fingerprint of the forget set, "
+                    "never its contents).")
+    p.add_argument("--model", required=True, metavar="DIR", help="the fine-tuned model (save_pretrained directory)")
+    p.add_argument("--forget", required=True, metavar="FILE", help="examples to erase (.csv, .json, .jsonl)")
+    p.add_argument("--retain", metavar="FILE", help="a sample of the remaining training data (needed by graddiff, so)")
+    p.add_argument("--holdout", metavar="FILE",
+                   help="data the model never saw: loop methods stop once the forget loss reaches its loss")
+    p.add_argument("--test", metavar="FILE",
+                   help="held-out test data: metrics before/after (accuracy, MIA AUCs) go into the audit report")
+    p.add_argument("--out", required=True, metavar="DIR", help="adapter output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="update rule (default: %(default)s)")
+    p.add_argument("--sparsity", type=float, default=0.9, metavar="S",
+                   help="fraction of heads/filters left frozen, 0 < s < 1 (default: %(default)s)")
+    p.add_argument("--units", choices=("heads", "filters", "both"), default="both",
+                   help="unit types that may be selected (default: %(default)s)")
+    p.add_argument("--selection", choices=SELECTION_CHOICES, default="search",
+                   help="'search' (MAPE), 'all' (full-parameter baseline) or 'random' units at the same "
+                        "sparsity (default: %(default)s)")
+    p.add_argument("--objective", metavar="NAME", help="mask-search objective (e.g. mlr, mlf, norm; default: the config's)")
+    p.add_argument("--lr", type=float, help="learning rate of loop methods (default: the method's)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="step budget of loop methods (default: 100)")
+    p.add_argument("--forget-loss-target", type=float, metavar="LOSS", help="stop target instead of --holdout")
+    p.add_argument("--retain-weight", type=float, default=1.0, metavar="W", help="weight of the retain loss (default: %(default)s)")
+    p.add_argument("--npo-beta", type=float, metavar="BETA", help="NPO's beta (default: the library's, 0.1)")
+    p.add_argument("--kl-weight", type=float, metavar="W", help="weight of a KL-to-original retain term (default: none)")
+    p.add_argument("--num-train-examples", type=int, metavar="N",
+                   help="size of the original training set (so/influence step scale 1/N)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: %(default)s)")
+    p.add_argument("--request-id", metavar="ID", help="an identifier recorded in the audit report")
+    p.set_defaults(handler=cmd_unlearn)
+
+    p = commands.add_parser(
+        "evaluate", parents=[data], help="forget/test metrics and membership-inference AUCs",
+        description="Measure a model (optionally with an adapter) on the forget and test sets: accuracy and "
+                    "loss (classification) or loss and perplexity (causal LM), and membership-inference "
+                    "ROC-AUCs of forget vs test examples (LOSS, confidence, entropy; LOSS, zlib, Min-K%%). "
+                    "Prints the metrics and writes them as JSON.")
+    p.add_argument("--model", required=True, metavar="DIR", help="the base model (save_pretrained directory)")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT adapter to apply (MAPE, LoRA, ...)")
+    p.add_argument("--forget", required=True, metavar="FILE", help="the forget set")
+    p.add_argument("--test", required=True, metavar="FILE", help="held-out data (the non-members of the attacks)")
+    p.add_argument("--retain", metavar="FILE", help="optional retain data, also measured")
+    p.add_argument("--min-k", type=float, default=0.2, metavar="K", help="Min-K%% fraction (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE",
+                   help="metrics JSON (default: ADAPTER/eval_metrics.json, or ./eval_metrics.json without --adapter)")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = commands.add_parser(
+        "inspect", help="show which heads and filters an adapter selected, per layer",
+        description="Print the selection of a saved MAPE adapter per layer (from adapter_config.json; totals "
+                    "from audit_report.json or the base model's config.json) and optionally plot it.")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory")
+    p.add_argument("--plot", metavar="PNG", help="write a heads x layers heatmap and filters-per-layer bars here")
+    p.add_argument("--base-model", metavar="DIR", help="base model directory, for the per-layer totals")
+    p.set_defaults(handler=cmd_inspect)
+    return parser
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def _setup_torch(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device:
+        return args.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_files(**paths) -> None:
+    """Fail on a missing input before anything slow happens."""
+    for what, path in paths.items():
+        if path is not None and not Path(path).is_file():
+            raise CLIError(f"--{what} file not found: {path}")
+
+
+def _columns(args, task) -> tuple[str, ...]:
+    if task == "classification":
+        return args.text_column, args.label_column
+    if (args.question_column is None) != (args.answer_column is None):
+        raise CLIError("give both --question-column and --answer-column, or neither")
+    return (args.question_column, args.answer_column) if args.question_column else (args.text_column,)
+
+
+def _encode(args, task, tokenizer, model, table, path):
+    """(dataset, scored texts) of one data table."""
+    from .textdata import encode_causal_lm, encode_classification
+
+    if task == "classification":
+        config = model.config
+        return encode_classification(table, tokenizer, path=path, text_column=args.text_column,
+                                     label_column=args.label_column, max_length=args.max_length,
+                                     label2id=getattr(config, "label2id", None),
+                                     num_labels=getattr(config, "num_labels", None))
+    return encode_causal_lm(table, tokenizer, path=path, text_column=args.text_column,
+                            question_column=args.question_column, answer_column=args.answer_column,
+                            max_length=args.max_length)
+
+
+def _load(args, files: dict):
+    """Task, model, tokenizer and the encoded data files (name -> (dataset, texts)).
+
+    Files and columns are checked before the model is loaded, so input mistakes fail fast.
+    """
+    from .loading import detect_task, load_model, load_tokenizer, model_config
+    from .textdata import load_table, require_columns
+
+    _check_files(**files)
+    task = detect_task(model_config(args.model), args.task)
+    tables = {name: load_table(path) for name, path in files.items() if path is not None}
+    for name, table in tables.items():
+        require_columns(table, files[name], *_columns(args, task))
+    device = _setup_torch(args)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_model(args.model, task, device)
+    data = {name: _encode(args, task, tokenizer, model, table, files[name]) for name, table in tables.items()}
+    return task, model, tokenizer, data
+
+
+def _pad_id(model, tokenizer) -> int:
+    return getattr(model.config, "pad_token_id", None) or getattr(tokenizer, "pad_token_id", None) or 0
+
+
+def _metrics(task, model, data, *, batch_size, pad, progress, min_k=0.2) -> dict:
+    from .data import forward_arguments, make_loader, materialise
+    from .evaluation import classification_metrics, language_model_metrics
+
+    allowed = forward_arguments(model)
+    loaders = {name: make_loader(materialise(ds, allowed, what=name), batch_size, pad)
+               for name, (ds, _) in data.items() if name in ("forget", "test", "retain")}
+    if task == "classification":
+        return classification_metrics(model, loaders["forget"], loaders["test"], loaders.get("retain"),
+                                      progress=progress)
+    return language_model_metrics(model, loaders["forget"], loaders["test"], data["forget"][1], data["test"][1],
+                                  loaders.get("retain"), k=min_k, progress=progress)
+
+
+def _print_metrics(metrics: dict, before: dict | None = None) -> None:
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        if before is not None and key in before:
+            print(f"  {key:<{width}}  {before[key]:.4f} -> {value:.4f}")
+        else:
+            print(f"  {key:<{width}}  {value:.4f}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_unlearn(args) -> int:
+    from peft import get_peft_model
+
+    from .audit import build_audit_report, save_audit_report
+    from .config import MAPEConfig
+    from .inspection import architecture_sizes
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CLIError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
+    config = MAPEConfig(sparsity=args.sparsity, units=args.units)  # invalid values fail before any loading
+    files = {"forget": args.forget, "retain": args.retain, "holdout": args.holdout, "test": args.test}
+    task, model, tokenizer, data = _load(args, files)
+    progress = not args.quiet
+    pad = _pad_id(model, tokenizer)
+    if model.config.pad_token_id is None:  # unlearn() pads input ids with the config's pad id
+        model.config.pad_token_id = pad
+    peft_model = get_peft_model(model, config)
+    before = _metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
+        if args.test else None
+    optional = {"lr": args.lr, "max_steps": args.max_steps, "forget_loss_target": args.forget_loss_target,
+                "num_train_examples": args.num_train_examples, "npo_beta": args.npo_beta,
+                "kl_weight": args.kl_weight, "objective": args.objective}
+    report = peft_model.unlearn(
+        data["forget"][0], data["retain"][0] if args.retain else None, method=args.method,
+        holdout=data["holdout"][0] if args.holdout else None,
+        selection=None if args.selection == "search" else args.selection, batch_size=args.batch_size,
+        retain_weight=args.retain_weight, seed=args.seed, progress=progress,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+    after = _metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
+        if args.test else None
+    peft_model.save_pretrained(str(out))
+    audit = build_audit_report(report, data["forget"][0], model=peft_model, model_id=str(args.model),
+                               architecture=architecture_sizes(peft_model), metrics_before=before,
+                               metrics_after=after, request_id=args.request_id)
+    audit_path = save_audit_report(audit, out)
+    print(report.summary())
+    for note in report.warnings:
+        print(f"  note: {note}")
+    if after is not None:
+        print("metrics (before -> after):")
+        _print_metrics(after, before)
+    print(f"adapter: {out}")
+    print(f"audit report: {audit_path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .inspection import read_adapter_config
+
+    if args.adapter is not None:
+        read_adapter_config(args.adapter)  # a clear error before the model is loaded
+    if not 0.0 < args.min_k <= 1.0:
+        raise CLIError(f"--min-k must be in (0, 1], got {args.min_k}")
+    files = {"forget": args.forget, "test": args.test, "retain": args.retain}
+    task, model, tokenizer, data = _load(args, files)
+    if args.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    metrics = _metrics(task, model, data, batch_size=args.batch_size, pad=_pad_id(model, tokenizer),
+                       progress=not args.quiet, min_k=args.min_k)
+    out = Path(args.out) if args.out else (Path(args.adapter) if args.adapter else Path.cwd()) / "eval_metrics.json"
+    result = {"model": str(args.model), "adapter": args.adapter, "task": task,
+              "num_examples": {name: len(ds) for name, (ds, _) in data.items()}, "metrics": metrics}
+    if task == "causal-lm":
+        result["min_k"] = args.min_k
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{task} metrics of {args.model}" + (f" + {args.adapter}" if args.adapter else "") + ":")
+    _print_metrics(metrics)
+    print(f"written to {out}")
+    return 0
+
+
+def _sizes_for(adapter: Path, adapter_config: dict, base_model) -> dict:
+    """Per-layer totals: from the audit report, else the base model's config.json, else unknown."""
+    from .audit import AUDIT_FILE, load_audit_report
+    from .inspection import sizes_from_config
+    from .loading import model_config
+
+    if (adapter / AUDIT_FILE).is_file():
+        selection = load_audit_report(adapter).get("selection") or {}
+        if selection.get("heads_per_layer"):
+            return {"num_layers": selection.get("num_layers"), "num_heads": selection.get("heads_per_layer"),
+                    "num_filters": selection.get("filters_per_layer")}
+    base = base_model or adapter_config.get("base_model_name_or_path")
+    if base and (Path(base) / "config.json").is_file():
+        return sizes_from_config(model_config(base))
+    if base_model:
+        raise CLIError(f"--base-model {base_model} has no config.json")
+    return {}
+
+
+def cmd_inspect(args) -> int:
+    from .audit import AUDIT_FILE, load_audit_report
+    from .inspection import format_selection, read_adapter_config, selection_summary
+
+    adapter = Path(args.adapter)
+    config = read_adapter_config(adapter)
+    peft_type = config.get("peft_type")
+    if peft_type != "MAPE":
+        raise CLIError(f"{adapter} holds a {peft_type} adapter; inspect shows the selections of MAPE adapters")
+    summary = selection_summary(config.get("selection"), **_sizes_for(adapter, config, args.base_model))
+    print(f"MAPE adapter {adapter}: sparsity {config.get('sparsity')}, units {config.get('units')}, "
+          f"update scope {config.get('update_scope')}")
+    if (adapter / AUDIT_FILE).is_file():
+        audit = load_audit_report(adapter)
+        forget = audit.get("forget_set") or {}
+        print(f"request: method {audit.get('method')}, {forget.get('num_examples')} forget examples "
+              f"(fingerprint {str(forget.get('fingerprint'))[:16]}...), guarantee {audit.get('guarantee')}")
+    weights = adapter / "adapter_model.safetensors"
+    if weights.is_file():
+        print(f"adapter weights: {weights.stat().st_size / 2**20:.2f} MB")
+    if not config.get("selection"):
+        print("no units selected (the request made no update)")
+    print(format_selection(summary))
+    if args.plot:
+        from .plots import plot_selection
+
+        path = plot_selection(summary, args.plot, title=f"{adapter.name}: selected units")
+        print(f"plot: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+# Errors that mean "bad input or environment", reported as one line.
+EXPECTED_ERRORS = (CLIError, ValueError, TypeError, KeyError, OSError, ImportError, FloatingPointError)
+
+
+@contextlib.contextmanager
+def _library_output(quiet: bool, debug: bool):
+    """Quiet the libraries' deprecation chatter (and progress bars with --quiet); restore afterwards."""
+    import datasets
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            transformers.logging.set_verbosity_error()
+        if quiet:
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+            datasets.enable_progress_bars() if bars[0] else datasets.disable_progress_bars()
+            if bars[1]:
+                transformers.utils.logging.enable_progress_bar()
+            else:
+                transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = bool(os.environ.get("PEFT_MAPE_DEBUG"))
+    try:
+        with _library_output(getattr(args, "quiet", False), debug):
+            return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as error:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:  # an unexpected failure: still one line, the type says where to look
+        if debug:
+            raise
+        print(f"{PROG}: error: unexpected {type(error).__name__}: {_one_line(error)} "
+              "(set PEFT_MAPE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
