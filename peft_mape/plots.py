@@ -97,8 +97,24 @@ def plot_filters_per_layer(summary: dict, path, title: Optional[str] = None) -> 
     return _save(figure, path)
 
 
-def plot_selection(summary: dict, path, title: Optional[str] = None) -> Path:
-    """Both panels side by side: the head heatmap and the filters per layer."""
+def _as_summary(selection: dict, num_layers, num_heads, num_filters) -> dict:
+    """A selection summary as is, or one built from a raw ``{"heads": ..., "filters": ...}`` selection."""
+    if "layers" in selection:
+        return selection
+    from .inspection import selection_summary
+
+    return selection_summary(selection, num_layers=num_layers, num_heads=num_heads, num_filters=num_filters)
+
+
+def plot_selection(selection: dict, path, title: Optional[str] = None, *, num_layers: Optional[int] = None,
+                   num_heads: Optional[int] = None, num_filters: Optional[int] = None) -> Path:
+    """Both panels side by side: the head heatmap and the filters per layer.
+
+    ``selection`` is a :func:`peft_mape.inspection.selection_summary`, or a raw selection
+    ``{"heads": {layer: [...]}, "filters": {...}}`` (e.g. from an ``UnlearnReport``) with the
+    model's sizes given as ``num_layers`` / ``num_heads`` / ``num_filters``.
+    """
+    summary = _as_summary(selection, num_layers, num_heads, num_filters)
     figure = _figure(max(8.0, 0.7 * summary["num_layers"] + 4), 3.8)
     left, right = figure.subplots(1, 2)
     _draw_heads(left, summary)
@@ -108,12 +124,15 @@ def plot_selection(summary: dict, path, title: Optional[str] = None) -> Path:
     return _save(figure, path)
 
 
-def plot_metric_bars(rows: Mapping[str, Mapping[str, float]], metrics: Sequence[str], path,
-                     title: Optional[str] = None) -> Path:
+def plot_metric_bars(rows: Union[Mapping[str, Mapping[str, float]], Sequence[Mapping]], metrics: Sequence[str],
+                     path, title: Optional[str] = None, *, label_key: str = "method") -> Path:
     """Grouped bars: one group per metric, one bar per row (e.g. original, retrain, each method).
 
-    ``rows`` maps a label to its metrics, drawn in the mapping's order; a missing metric is a gap.
+    ``rows`` maps a label to its metrics, or is a list of row dicts labelled by ``row[label_key]``
+    (a results table); drawn in order; a missing metric is a gap.
     """
+    if not isinstance(rows, Mapping):
+        rows = {str(row[label_key]): row for row in rows}
     if not rows or not metrics:
         raise ValueError("plot_metric_bars needs at least one row and one metric")
     labels = list(rows)
@@ -133,24 +152,44 @@ def plot_metric_bars(rows: Mapping[str, Mapping[str, float]], metrics: Sequence[
     return _save(figure, path)
 
 
-def plot_request_curves(curves: Union[Sequence, Mapping[str, tuple]], metric: str, path,
-                        title: Optional[str] = None) -> Path:
-    """A metric after each successive request, one line per method.
+def _curve_series(curves, metric: str) -> dict[str, tuple]:
+    if isinstance(curves, Mapping):  # {label: (xs, ys)}
+        return dict(curves)
+    series = {}
+    for curve in curves:
+        if isinstance(curve, Mapping):  # RequestCurve.to_dict()
+            from .evaluation.curves import RequestCurve
 
-    ``curves``: :class:`peft_mape.evaluation.RequestCurve` objects, or ``{label: (xs, ys)}``.
+            curve = RequestCurve.from_dict(curve)
+        series[curve.label] = curve.series(metric)
+    return series
+
+
+def plot_request_curves(curves, metrics: Union[str, Sequence[str]], path, title: Optional[str] = None, *,
+                        reference: Optional[Mapping[str, float]] = None, reference_label: str = "retrain") -> Path:
+    """Metrics after each successive request, one line per method and one panel per metric.
+
+    ``curves``: :class:`peft_mape.evaluation.RequestCurve` objects or their ``to_dict()``s, or
+    ``{label: (xs, ys)}`` for a single metric. ``reference``: metric values of a reference model
+    (e.g. retrained without every request), drawn as dashed horizontal lines.
     """
-    series = ({label: xy for label, xy in curves.items()} if isinstance(curves, Mapping)
-              else {c.label: c.series(metric) for c in curves})
-    if not series:
-        raise ValueError("plot_request_curves needs at least one curve")
-    figure = _figure(6.0, 4.0)
-    axes = figure.add_subplot()
-    for label, (xs, ys) in series.items():
-        axes.plot(xs, ys, marker="o", label=label)
-    axes.set_xlabel("requests served")
-    axes.set_ylabel(metric)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics:
+        raise ValueError("plot_request_curves needs at least one metric")
+    figure = _figure(5.0 * len(metrics) + 1, 4.0)
+    panels = figure.subplots(1, len(metrics), squeeze=False)[0]
+    for axes, metric in zip(panels, metrics):
+        series = _curve_series(curves, metric)
+        if not series:
+            raise ValueError("plot_request_curves needs at least one curve")
+        for label, (xs, ys) in series.items():
+            axes.plot(xs, ys, marker="o", label=label)
+        if reference is not None and reference.get(metric) is not None:
+            axes.axhline(float(reference[metric]), color="black", linestyle="--", linewidth=1, label=reference_label)
+        axes.set_xlabel("requests served")
+        axes.set_ylabel(metric)
+        axes.grid(alpha=0.3)
+    panels[0].legend(fontsize="small")
     if title:
-        axes.set_title(title)
+        figure.suptitle(title)
     return _save(figure, path)

@@ -53,3 +53,18 @@ def test_bad_plot_input_is_named(tmp_path, summary):
         plot_selection(summary, tmp_path / "plot.jpg")
     with pytest.raises(ValueError, match="at least one row and one metric"):
         plot_metric_bars({}, ["test_acc"], tmp_path / "x.png")
+
+
+def test_results_table_shapes_are_accepted(tmp_path):
+    """The shapes a benchmark has at hand: row lists, raw selections, curve dicts, a retrain reference."""
+    rows = [{"method": "original", "test_acc": 70.0}, {"method": "retrain (gold)", "test_acc": 69.0}]
+    assert _is_png(plot_metric_bars(rows, ["test_acc"], tmp_path / "rows.png"))
+    selection = {"heads": {"0": [1, 2]}, "filters": {"1": [3]}}
+    assert _is_png(plot_selection(selection, tmp_path / "raw.png", num_layers=2, num_heads=4, num_filters=8))
+    curves = [RequestCurve("MAPE", [{"request": 0, "forget_acc": 90, "test_acc": 70},
+                                    {"request": 1, "forget_acc": 80, "test_acc": 69}]).to_dict()]
+    path = plot_request_curves(curves, ["forget_acc", "test_acc"], tmp_path / "multi.png",
+                               reference={"forget_acc": 75.0, "test_acc": 70.0})
+    assert _is_png(path)
+    with pytest.raises(ValueError, match="at least one metric"):
+        plot_request_curves(curves, [], tmp_path / "none.png")
