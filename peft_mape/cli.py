@@ -256,13 +256,16 @@ def cmd_unlearn(args) -> int:
     optional = {"lr": args.lr, "max_steps": args.max_steps, "forget_loss_target": args.forget_loss_target,
                 "num_train_examples": args.num_train_examples, "npo_beta": args.npo_beta,
                 "kl_weight": args.kl_weight, "objective": args.objective}
-    report = peft_model.unlearn(
-        data["forget"][0], data["retain"][0] if args.retain else None, method=args.method,
-        holdout=data["holdout"][0] if args.holdout else None,
-        selection=None if args.selection == "search" else args.selection, batch_size=args.batch_size,
-        retain_weight=args.retain_weight, seed=args.seed, progress=progress,
-        **{k: v for k, v in optional.items() if v is not None},
-    )
+    with warnings.catch_warnings():
+        # unlearn() records its warnings in the report; they are printed below as notes, once
+        warnings.simplefilter("ignore", UserWarning)
+        report = peft_model.unlearn(
+            data["forget"][0], data["retain"][0] if args.retain else None, method=args.method,
+            holdout=data["holdout"][0] if args.holdout else None,
+            selection=None if args.selection == "search" else args.selection, batch_size=args.batch_size,
+            retain_weight=args.retain_weight, seed=args.seed, progress=progress,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
     after = _metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
         if args.test else None
     peft_model.save_pretrained(str(out))

@@ -48,15 +48,14 @@ def selection_summary(selection: Optional[dict], *, num_layers: Optional[int] = 
 
 
 def architecture_sizes(model) -> dict[str, int]:
-    """``{"num_layers", "num_heads", "num_filters"}`` of a live model, as MAPE resolves its units."""
+    """``{"num_layers", "num_heads", "num_filters"}`` of a live model, as MAPE resolves its units.
+
+    For a PeftModel with MAPE adapters, the active adapter's architecture overrides apply.
+    """
     from .architectures import resolve_architecture
 
-    config = None
-    peft_config = getattr(model, "peft_config", None)
-    if peft_config:  # a PeftModel: use the active adapter's architecture overrides
-        config = next(iter(peft_config.values()))
-        model = model.get_base_model()
-    arch = resolve_architecture(model, config)
+    tuner = getattr(model, "base_model", None)
+    arch = tuner.architecture() if hasattr(tuner, "architecture") else resolve_architecture(model, None)
     return {"num_layers": arch.num_layers, "num_heads": arch.num_heads, "num_filters": arch.num_filters}
 
 

@@ -106,3 +106,18 @@ def test_save_needs_an_existing_directory(tmp_path):
     assert not list(tmp_path.iterdir())  # the failed write left nothing behind
     save_audit_report({"x": torch.tensor(1.5)}, tmp_path)
     assert load_audit_report(tmp_path / AUDIT_FILE) == {"x": 1.5}
+
+
+def test_architecture_sizes_of_plain_and_peft_models():
+    from peft_mape.inspection import architecture_sizes, format_selection, selection_summary, sizes_from_config
+
+    model = tiny_model("gpt2")
+    assert architecture_sizes(model) == {"num_layers": 2, "num_heads": 4, "num_filters": 24}
+    assert architecture_sizes(get_peft_model(model, MAPEConfig())) == {"num_layers": 2, "num_heads": 4,
+                                                                       "num_filters": 24}
+    assert sizes_from_config({"n_layer": 3, "n_head": 2, "n_embd": 8, "n_inner": None}) == \
+        {"num_layers": 3, "num_heads": 2, "num_filters": 32}
+    table = format_selection(selection_summary({"heads": {"1": [2]}, "filters": {"0": [1, 4]}}, num_layers=2,
+                                               num_heads=4, num_filters=24))
+    assert table.splitlines()[1:] == ["    0      0/4         2/24  -", "    1      1/4         0/24  [2]",
+                                      "total      1/8         2/48"]
