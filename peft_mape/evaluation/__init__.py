@@ -6,6 +6,8 @@
 - :mod:`.suite`: forget / retain / test metrics of a model as one flat dict.
 - :mod:`.relearning`: the relearning attack.
 - :mod:`.curves`: successive-request curves.
+- :mod:`.tofu`: TOFU metrics for question answering (answer probability, ROUGE-L, truth ratio,
+  forget quality, model utility).
 """
 
 from .classification import ClassifierOutputs, classifier_outputs, loss_mia_auc, membership_auc
@@ -17,6 +19,10 @@ from .mia import (
 )
 from .relearning import RelearningResult, forget_set_metrics, relearning_attack, split_forget_set
 from .suite import classification_metrics, language_model_metrics, metric_gaps
+from .tofu import (
+    SplitResult, answer_probability, evaluate_split, forget_quality, model_utility, normalised_answer_probability,
+    rouge_l_recall, swapped_answers, tofu_summary, truth_ratio, truth_ratio_score, utility_metrics,
+)
 
 __all__ = [
     "ClassifierOutputs", "classifier_outputs", "loss_mia_auc", "membership_auc",
@@ -27,4 +33,7 @@ __all__ = [
     "zlib_ratio_scores",
     "RelearningResult", "forget_set_metrics", "relearning_attack", "split_forget_set",
     "classification_metrics", "language_model_metrics", "metric_gaps",
+    "SplitResult", "answer_probability", "evaluate_split", "forget_quality", "model_utility",
+    "normalised_answer_probability", "rouge_l_recall", "swapped_answers", "tofu_summary", "truth_ratio",
+    "truth_ratio_score", "utility_metrics",
 ]
