@@ -177,10 +177,10 @@ def _encode(args, task, tokenizer, model, table, path):
         return encode_classification(table, tokenizer, path=path, text_column=args.text_column,
                                      label_column=args.label_column, max_length=args.max_length,
                                      label2id=getattr(config, "label2id", None),
-                                     num_labels=getattr(config, "num_labels", None))
+                                     num_labels=getattr(config, "num_labels", None), progress=not args.quiet)
     return encode_causal_lm(table, tokenizer, path=path, text_column=args.text_column,
                             question_column=args.question_column, answer_column=args.answer_column,
-                            max_length=args.max_length)
+                            max_length=args.max_length, progress=not args.quiet)
 
 
 def _load(args, files: dict):

@@ -14,6 +14,7 @@ from typing import Optional
 
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+TOKENIZE_CHUNK = 1000  # texts per tokenizer call (a progress-bar step)
 
 
 def load_table(path) -> "datasets.Dataset":  # noqa: F821
@@ -44,6 +45,21 @@ def require_columns(table, path, *columns: str) -> None:
                          "--question-column / --answer-column)")
 
 
+def tokenize_texts(tokenizer, texts: list[str], *, max_length: int, desc: str = "tokenize",
+                   progress: bool = False) -> dict[str, list]:
+    """Truncated token ids (and masks) of ``texts``, in chunks with a progress bar."""
+    from tqdm.auto import tqdm
+
+    columns: dict[str, list] = {}
+    starts = range(0, len(texts), TOKENIZE_CHUNK)
+    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+        encoded = tokenizer(texts[start:start + TOKENIZE_CHUNK], truncation=True, max_length=max_length)
+        for key in MODEL_COLUMNS:
+            if key in encoded:
+                columns.setdefault(key, []).extend(encoded[key])
+    return columns
+
+
 def _labels(values, path, label2id: Optional[dict], num_labels: Optional[int]) -> list[int]:
     out = []
     for value in values:
@@ -65,7 +81,7 @@ def _labels(values, path, label2id: Optional[dict], num_labels: Optional[int]) -
 
 def encode_classification(table, tokenizer, *, path="data", text_column: str = "text", label_column: str = "label",
                           max_length: int = 128, label2id: Optional[dict] = None,
-                          num_labels: Optional[int] = None):
+                          num_labels: Optional[int] = None, progress: bool = False):
     """Tokenised (truncated to ``max_length``) examples with integer ``labels``; returns (dataset, texts).
 
     Labels may be integers or the model's label names (``config.label2id``).
@@ -73,8 +89,7 @@ def encode_classification(table, tokenizer, *, path="data", text_column: str = "
     require_columns(table, path, text_column, label_column)
     texts = [str(t) for t in table[text_column]]
     labels = _labels(table[label_column], path, label2id, num_labels)
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    columns = {k: encoded[k] for k in MODEL_COLUMNS if k in encoded}
+    columns = tokenize_texts(tokenizer, texts, max_length=max_length, desc=f"tokenize {path}", progress=progress)
     columns["labels"] = labels
     import datasets
 
@@ -83,7 +98,7 @@ def encode_classification(table, tokenizer, *, path="data", text_column: str = "
 
 def encode_causal_lm(table, tokenizer, *, path="data", text_column: Optional[str] = "text",
                      question_column: Optional[str] = None, answer_column: Optional[str] = None,
-                     max_length: int = 128):
+                     max_length: int = 128, progress: bool = False):
     """Causal-LM examples; returns (dataset, scored texts).
 
     With ``question_column`` and ``answer_column``: prompt + answer, only the answer scored
@@ -103,7 +118,7 @@ def encode_causal_lm(table, tokenizer, *, path="data", text_column: Optional[str
         return build_qa_dataset(tokenizer, questions, answers, max_length=max_length), answers
     require_columns(table, path, text_column)
     texts = [str(t) for t in table[text_column]]
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    encoded = tokenize_texts(tokenizer, texts, max_length=max_length, desc=f"tokenize {path}", progress=progress)
     if any(len(ids) < 2 for ids in encoded["input_ids"]):
         raise ValueError(f"{path}: a text has fewer than 2 tokens; a causal LM needs a token to predict from a prefix")
     columns = {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}

@@ -233,3 +233,27 @@ def test_causal_lm_question_answer_columns(lm_workdir, monkeypatch):
                  "--max-steps", "2", "--sparsity", "0.5", "--question-column", "question", "--answer-column",
                  "answer", "--quiet"]) == 0
     assert (lm_workdir / "qa" / "adapter_model.safetensors").is_file()
+
+
+def test_text_tables_and_label_handling(workdir, tmp_path, monkeypatch):
+    from peft_mape import textdata
+
+    tokenizer = T.AutoTokenizer.from_pretrained(workdir / "model")
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": "the cat", "label": "POS"},
+                                                    {"text": "the dog sat", "label": "NEG"}]))
+    table = textdata.load_table(tmp_path / "rows.json")
+    dataset, texts = textdata.encode_classification(table, tokenizer, label2id={"NEG": 0, "POS": 1}, num_labels=2)
+    assert dataset["labels"] == [1, 0] and texts == ["the cat", "the dog sat"]
+    assert dataset["input_ids"][0] == tokenizer("the cat")["input_ids"]
+    with pytest.raises(ValueError, match="label 'MAYBE' is not one of the model's labels"):
+        textdata.encode_classification(table.map(lambda r: {"label": "MAYBE"}), tokenizer, label2id={"NEG": 0})
+    with pytest.raises(ValueError, match="label 5 is out of range for a model with 2 labels"):
+        textdata.encode_classification(table.map(lambda r: {"label": "5"}), tokenizer, num_labels=2)
+    # chunked tokenisation gives what one call gives
+    monkeypatch.setattr(textdata, "TOKENIZE_CHUNK", 1)
+    chunked = textdata.tokenize_texts(tokenizer, ["the cat", "a dog ran", "sad"], max_length=3)
+    assert chunked["input_ids"] == tokenizer(["the cat", "a dog ran", "sad"], truncation=True,
+                                             max_length=3)["input_ids"]
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    with pytest.raises(ValueError, match="has no rows|cannot read it"):
+        textdata.load_table(tmp_path / "empty.csv")
