@@ -24,7 +24,9 @@ from typing import Optional
 import torch
 
 from .architectures import resolve_architecture
-from .data import forward_arguments, make_loader, materialise, per_example_losses, to_device, validate_examples
+from .data import (
+    drop_overlap, forward_arguments, make_loader, materialise, per_example_losses, to_device, validate_examples,
+)
 from .evaluation.relearning import Descent
 from .statistics import eval_mode
 from .updates import GradDiff, GradientAscent, UpdateLoss, mean_loss, optimise
@@ -59,6 +61,7 @@ def _prepare(model, forget, retain, holdout, *, forget_loss_target, batch_size, 
     retain_examples = materialise(retain, allowed, limit=max_retain_examples, seed=seed, what="retain")
     if retain_examples:
         validate_examples(retain_examples, "retain", needs_labels)
+        retain_examples = drop_overlap(retain_examples, forget_examples)  # as unlearn() does, with a warning
     pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     target = forget_loss_target
     if target is None and holdout is not None:

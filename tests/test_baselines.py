@@ -143,3 +143,11 @@ def test_run_method_names_the_choices():
     assert {"mape-graddiff", "full-so", "random-ga", "salun-graddiff", "lora-ga"} <= set(method_names())
     with pytest.raises(ValueError, match="unknown method 'salun-so'"):
         run_method("salun-so", tiny_model("bert"), tiny_examples("bert", 2))
+
+
+def test_retain_copies_of_forget_examples_are_dropped():
+    forget = tiny_examples("bert", 4, seed=1)
+    with pytest.warns(UserWarning, match="2 retain example"):
+        report = salun_unlearn(tiny_model("bert"), forget, forget[:2] + tiny_examples("bert", 4, seed=2),
+                               num_weights=10, method="graddiff", max_steps=1)
+    assert report["num_retain"] == 4
