@@ -116,7 +116,8 @@ def save_audit_report(audit: dict, directory) -> Path:
     """Write ``audit`` to ``directory/audit_report.json`` atomically (temporary file, then rename)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"cannot save the audit report: {directory} is not a directory (save the adapter first)")
+        raise FileNotFoundError(f"cannot save the audit report: {directory} is not a directory "
+                                "(save the adapter first)")
     target = directory / AUDIT_FILE
     fd, tmp = tempfile.mkstemp(prefix=f".{AUDIT_FILE}.", dir=directory)
     try:

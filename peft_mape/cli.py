@@ -68,6 +68,7 @@ def _data_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import OBJECTIVE_CHOICES
     from .unlearn import DEFAULT_METHOD, METHODS
 
     parser = _Parser(prog=PROG, description="Machine unlearning for HuggingFace models with MAPE-Unlearn "
@@ -100,13 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", choices=SELECTION_CHOICES, default="search",
                    help="'search' (MAPE), 'all' (full-parameter baseline) or 'random' units at the same "
                         "sparsity (default: %(default)s)")
-    p.add_argument("--objective", metavar="NAME", help="mask-search objective (e.g. mlr, mlf, norm; default: the config's)")
+    p.add_argument("--objective", choices=OBJECTIVE_CHOICES,
+                   help="mask-search objective (default: the config's, mlr)")
     p.add_argument("--lr", type=float, help="learning rate of loop methods (default: the method's)")
     p.add_argument("--max-steps", type=int, metavar="N", help="step budget of loop methods (default: 100)")
     p.add_argument("--forget-loss-target", type=float, metavar="LOSS", help="stop target instead of --holdout")
-    p.add_argument("--retain-weight", type=float, default=1.0, metavar="W", help="weight of the retain loss (default: %(default)s)")
+    p.add_argument("--retain-weight", type=float, default=1.0, metavar="W",
+                   help="weight of the retain loss (default: %(default)s)")
     p.add_argument("--npo-beta", type=float, metavar="BETA", help="NPO's beta (default: the library's, 0.1)")
-    p.add_argument("--kl-weight", type=float, metavar="W", help="weight of a KL-to-original retain term (default: none)")
+    p.add_argument("--kl-weight", type=float, metavar="W",
+                   help="weight of a KL-to-original retain term (default: none)")
     p.add_argument("--num-train-examples", type=int, metavar="N",
                    help="size of the original training set (so/influence step scale 1/N)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: %(default)s)")

@@ -10,14 +10,17 @@ every token scored; or question + answer columns, the answer scored and the prom
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 TOKENIZE_CHUNK = 1000  # texts per tokenizer call (a progress-bar step)
 
 
-def load_table(path) -> "datasets.Dataset":  # noqa: F821
+def load_table(path) -> "datasets.Dataset":
     """A ``datasets.Dataset`` of the rows of a .csv, .json (list of objects or JSON Lines) or .jsonl file."""
     import datasets
 

@@ -51,7 +51,8 @@ def test_audit_report_records_the_request_without_its_contents(tmp_path):
     before = {"forget_acc": 0.75, "test_acc": 0.5}
     after = {"forget_acc": 0.25, "test_acc": 0.5}
     retrain = {"forget_acc": 0.5, "test_acc": 0.5}
-    audit = build_audit_report(report, forget, model=model, model_id="tiny-bert", architecture=architecture_sizes(model),
+    audit = build_audit_report(report, forget, model=model, model_id="tiny-bert",
+                               architecture=architecture_sizes(model),
                                metrics_before=before, metrics_after=after, metrics_retrain=retrain, request_id="req-42")
     model.save_pretrained(tmp_path / "adapter")
     path = save_audit_report(audit, tmp_path / "adapter")

@@ -82,7 +82,8 @@ def test_unlearn_end_to_end_in_a_subprocess(workdir):
     )
     assert result.returncode == 0, result.stderr
     adapter = workdir / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors", "audit_report.json"} <= {p.name for p in adapter.iterdir()}
+    files = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "audit_report.json"} <= files
     assert "audit report:" in result.stdout and "forget_acc" in result.stdout
     audit_text = (adapter / "audit_report.json").read_text()
     assert SECRET_WORD not in audit_text
