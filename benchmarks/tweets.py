@@ -253,18 +253,18 @@ def make_plots(results, out: Path) -> list[str]:
     written = []
     for sc in results["scenarios"]:
         path = out / f"tweets_{sc['scenario']}_metrics.png"
-        plots.metric_bars(sc["rows"], ["forget_acc", "retain_acc", "test_acc"], path,
-                          title=f"Tweets, {sc['scenario']} forget set")
+        plots.plot_metric_bars(sc["rows"], ["forget_acc", "retain_acc", "test_acc"], path,
+                               title=f"Tweets, {sc['scenario']} forget set")
         written.append(path.name)
         default = next(r for r in sc["rows"] if r["method"].endswith("(default)"))
         if default.get("selection", {}).get("heads") or default.get("selection", {}).get("filters"):
             path = out / f"tweets_{sc['scenario']}_selection.png"
-            plots.selection_figure(default["selection"], path, num_layers=6, num_heads=12, num_filters=1536,
-                                   title=f"MAPE selection, {sc['scenario']} forget set")
+            plots.plot_selection(default["selection"], path, num_layers=6, num_heads=12, num_filters=1536,
+                                 title=f"MAPE selection, {sc['scenario']} forget set")
             written.append(path.name)
     if results.get("successive"):
         path = out / "tweets_successive.png"
-        plots.request_curves(results["successive"]["curves"], ["forget_acc", "test_acc"], path,
+        plots.plot_request_curves(results["successive"]["curves"], ["forget_acc", "test_acc"], path,
                              reference=results["successive"]["retrain"])
         written.append(path.name)
     return written
