@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from .data import fingerprint, make_loader
 from .report import UnlearnReport

@@ -71,6 +71,25 @@ def tiny_examples(kind: str, n: int, seed: int = 0, length: int = 6, vary_length
     return out
 
 
+def memorised_model(kind: str, *, epochs: int, lr: float, vary_length: bool = True, seed: int = 0):
+    """A tiny model trained on 6 forget + 24 retain examples until it has memorised them."""
+    from peft_mape.data import make_loader
+
+    torch.manual_seed(seed)
+    model = tiny_model(kind)
+    forget = tiny_examples(kind, 6, seed=1, vary_length=vary_length)
+    retain = tiny_examples(kind, 24, seed=2, vary_length=vary_length)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loader = make_loader(forget + retain, 10, shuffle=True)
+    model.train()
+    for _ in range(epochs):
+        for batch in loader:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.eval(), forget, retain
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch_kind(request):
     return request.param

@@ -14,26 +14,14 @@ from peft_mape.data import make_loader, pad_collate, per_example_kl, per_example
 from peft_mape.influence import hessian_vector_product, solve_damped_system
 from peft_mape.updates import NPO, GradientAscent, StepLosses
 
-from conftest import tiny_examples, tiny_model
+from conftest import memorised_model, tiny_examples, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _memorised_lm(seed: int = 0):
+def _memorised_lm():
     """A tiny Llama trained on forget + retain until the forget sequences are memorised."""
-    torch.manual_seed(seed)
-    model = tiny_model("llama")
-    forget = tiny_examples("llama", 6, seed=1, vary_length=False)
-    retain = tiny_examples("llama", 24, seed=2, vary_length=False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loader = make_loader(forget + retain, 10, shuffle=True)
-    model.train()
-    for _ in range(60):
-        for batch in loader:
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    return model.eval(), forget, retain
+    return memorised_model("llama", epochs=60, lr=1e-2, vary_length=False)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from peft_mape import MAPEConfig
 from peft_mape.data import fingerprint, pad_collate
 from peft_mape.statistics import RetainStatistics
 
-from conftest import tiny_examples, tiny_model
+from conftest import tiny_model
 from test_methods import _memorised_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 import peft_mape
 from peft_mape import MAPEConfig, UnlearnReport
-from peft_mape.data import make_loader, per_example_losses, pad_collate
+from peft_mape.data import per_example_losses, pad_collate
 
-from conftest import tiny_examples, tiny_model
+from conftest import memorised_model, tiny_examples, tiny_model
 
 
 def _peft(kind="bert", sparsity=0.5, dtype=torch.float32, **config):
@@ -55,19 +55,7 @@ def test_so_step_equals_a_dense_reference():
 
 
 def _memorised_model(kind="bert"):
-    """A tiny model that has memorised a few forget examples (trained on forget + retain)."""
-    torch.manual_seed(0)
-    model = tiny_model(kind)
-    forget, retain = tiny_examples(kind, 6, seed=1), tiny_examples(kind, 24, seed=2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = make_loader(forget + retain, 10, shuffle=True)
-    model.train()
-    for _ in range(40):
-        for batch in loader:
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    return model.eval(), forget, retain
+    return memorised_model(kind, epochs=40, lr=3e-3)
 
 
 @pytest.mark.parametrize("method", ["ga", "graddiff", "so"])
