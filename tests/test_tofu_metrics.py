@@ -133,33 +133,3 @@ def test_tofu_summary_names_the_nine_utility_numbers(one_thread):
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu_mini"
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not DATA.exists(), reason=f"TOFU-mini data not found at {DATA} (../shared/data/tofu_mini)")
-def test_tofu_metrics_on_smollm2_and_real_tofu_questions(one_thread):
-    """SmolLM2-135M-Instruct knows famous authors: on real_authors it prefers the true author over
-    the three wrong ones (normalised probability above the 1/4 of chance, truth ratio < 1 on most),
-    while on fictitious TOFU authors it has nothing to prefer (forget quality against itself is 1)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from peft_mape import assets
-
-    path = assets.smollm_checkpoint()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
-
-    def rows(name, n):
-        return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text().splitlines()[:n]]
-
-    authors = rows("real_authors", 12)
-    facts = evaluate_split(model, tok, [r["question"] for r in authors], [r["answer"] for r in authors],
-                           [r["perturbed_answer"] for r in authors], kind="facts", max_new_tokens=12)
-    assert facts.probability > 0.4, facts.probabilities
-    assert (facts.ratios < 1).mean() > 0.75, facts.ratios
-    assert facts.rouge_l > 0.3, facts.generations
-    forget = rows("forget01", 8)
-    result = evaluate_split(model, tok, [r["question"] for r in forget], [r["answer"] for r in forget], kind="forget",
-                            max_answer_tokens=16, max_new_tokens=16)
-    assert 0 < result.probability < 0.5  # unseen fictitious facts are not memorised
-    assert forget_quality(result.ratios, result.ratios) == 1.0
