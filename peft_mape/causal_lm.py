@@ -228,8 +228,10 @@ def answer_log_probs(model, tokenizer, prompts: Sequence[str], answers: Sequence
                      desc: str = "answer log-probs") -> AnswerLogProbs:
     """Score each ``answers[i]`` after ``prompts[i]`` (formatted texts), without gradients, dropout off.
 
-    Pairs are encoded as in :func:`encode_qa` and batched by length (less padding), so many
-    answers to the same prompt — a correct one and perturbed ones — cost one pass each.
+    Pairs are encoded as in :func:`encode_qa` and batched by length (less padding). Answers
+    that share a prompt (a correct one and perturbed ones) share one pass over it: the prompt's
+    key/value cache is computed once and every answer continues from it (:func:`_shared_prompt_sums`),
+    which gives the same numbers as scoring each pair on its own.
     """
     if len(prompts) != len(answers):
         raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
@@ -238,16 +240,78 @@ def answer_log_probs(model, tokenizer, prompts: Sequence[str], answers: Sequence
     rows = [encode_qa(tokenizer, p, a, max_length=max_length, max_answer_tokens=max_answer_tokens, add_eos=add_eos)
             for p, a in zip(prompts, answers)]
     device = device or next(model.parameters()).device
-    total = np.zeros(len(rows))
     counts = np.array([sum(1 for t in r["labels"] if t != -100) for r in rows])
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    pad = _pad_id(tokenizer)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(tuple(r["input_ids"][: len(r["labels"]) - counts[i]]), []).append(i)
+    parts = _decoder_and_head(model)
     with torch.no_grad(), eval_mode(model):
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            chunk = order[start:start + batch_size]
-            batch = to_device(_right_pad([rows[i] for i in chunk], pad), device)
-            total[chunk] = answer_token_log_probs(model, batch).sum(1).double().cpu().numpy()
+        if parts is not None and len(groups) < len(rows):
+            total = _shared_prompt_sums(parts, rows, groups, batch_size, _pad_id(tokenizer), device, progress, desc)
+        else:
+            total = _pairwise_sums(model, rows, batch_size, _pad_id(tokenizer), device, progress, desc)
     return AnswerLogProbs(total=total, mean=total / counts, num_tokens=counts)
+
+
+def _pairwise_sums(model, rows, batch_size, pad, device, progress, desc) -> np.ndarray:
+    """Answer log-prob sums, one right-padded sequence per (prompt, answer) pair."""
+    total = np.zeros(len(rows))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = order[start:start + batch_size]
+        batch = to_device(_right_pad([rows[i] for i in chunk], pad), device)
+        total[chunk] = answer_token_log_probs(model, batch).sum(1).double().cpu().numpy()
+    return total
+
+
+def _shared_prompt_sums(parts, rows, groups, batch_size, pad, device, progress, desc) -> np.ndarray:
+    """Answer log-prob sums with one prompt pass per distinct prompt.
+
+    Prompts are left-padded (each ends at the last column) with explicit position ids, their
+    key/value cache is repeated for each of their answers, and the right-padded answers run on
+    top of it. The first answer token is predicted from the prompt's last hidden state.
+    """
+    from transformers import DynamicCache
+
+    decoder, head = parts
+    total = np.zeros(len(rows))
+    keys = sorted(groups, key=len)
+    chunks, current, size = [], [], 0
+    for key in keys:  # chunks of whole prompts holding about batch_size answers
+        if current and size + len(groups[key]) > batch_size:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += len(groups[key])
+    chunks.append(current)
+    for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+        length = max(len(k) for k in chunk)
+        prompt_ids = torch.tensor([[pad] * (length - len(k)) + list(k) for k in chunk], device=device)
+        prompt_mask = torch.tensor([[0] * (length - len(k)) + [1] * len(k) for k in chunk], device=device)
+        cache = DynamicCache(config=decoder.config)
+        hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache,
+                         use_cache=True).last_hidden_state[:, -1]
+        members = [i for key in chunk for i in groups[key]]
+        owner = torch.tensor([j for j, key in enumerate(chunk) for _ in groups[key]], device=device)
+        cache.batch_select_indices(owner)
+        answer_rows = [rows[i]["input_ids"][len(rows[i]["input_ids"]) - _num_scored(rows[i]):] for i in members]
+        width = max(len(a) for a in answer_rows)
+        answer_ids = torch.tensor([a + [pad] * (width - len(a)) for a in answer_rows], device=device)
+        answer_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answer_rows], device=device)
+        positions = prompt_mask.sum(-1)[owner].unsqueeze(-1) + torch.arange(width, device=device)
+        answer_hidden = decoder(input_ids=answer_ids, attention_mask=torch.cat([prompt_mask[owner], answer_mask], -1),
+                                position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        predictors = torch.cat([hidden[owner].unsqueeze(1), answer_hidden[:, :-1]], dim=1)
+        scored = answer_mask.bool()
+        log_p = F.log_softmax(head(predictors[scored]).float(), -1).gather(-1, answer_ids[scored].unsqueeze(-1))
+        sums = torch.zeros(answer_ids.shape, dtype=log_p.dtype, device=device).masked_scatter(scored, log_p.squeeze(-1))
+        total[members] = sums.sum(1).double().cpu().numpy()
+    return total
+
+
+def _num_scored(row: dict[str, list[int]]) -> int:
+    return sum(1 for t in row["labels"] if t != -100)
 
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 16,

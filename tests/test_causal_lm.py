@@ -102,6 +102,18 @@ def test_answer_log_probs_match_the_loss_and_do_not_depend_on_batching(tok, one_
     assert torch.allclose(torch.tensor(one.total), torch.tensor(one.mean * one.num_tokens))
 
 
+def test_answers_sharing_a_prompt_score_as_if_alone(tok, one_thread):
+    """Several answers per prompt reuse the prompt's cache (left-padded prompts of different
+    lengths, right-padded answers of different lengths): same numbers as one pass per pair."""
+    model = tiny_model("llama", seed=1)
+    prompts = [format_prompt(q) for q in QUESTIONS]
+    pairs = [(prompts[0], a) for a in ANSWERS] + [(prompts[1], ANSWERS[1]), (prompts[1], ANSWERS[0])] + \
+        [(prompts[2], ANSWERS[2])]
+    shared = answer_log_probs(model, tok, [p for p, _ in pairs], [format_answer(a) for _, a in pairs], batch_size=4)
+    alone = [answer_log_probs(model, tok, [p], [format_answer(a)]).total[0] for p, a in pairs]
+    assert torch.allclose(torch.tensor(shared.total), torch.tensor(alone, dtype=torch.float64), atol=1e-5)
+
+
 def test_answer_only_head_equals_the_full_forward(tok, one_thread):
     """The cheap path (vocabulary projection on scored positions only) must not change a value."""
     model = tiny_model("llama")
