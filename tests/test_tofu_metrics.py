@@ -133,3 +133,32 @@ def test_tofu_summary_names_the_nine_utility_numbers(one_thread):
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu_mini"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.exists(), reason=f"TOFU-mini data not found at {DATA} (../shared/data/tofu_mini)")
+def test_tofu_metrics_on_smollm2_and_real_tofu_questions(one_thread):
+    """SmolLM2-135M-Instruct knows famous authors better than chance (1 in 4 options) and does not
+    know TOFU's fictitious ones. Measured here: real_authors[:12] normalised probability 0.42,
+    truth-ratio score 0.47, ROUGE-L 0.36; forget01[:8] ROUGE-L 0.11."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_mape import assets
+
+    path = assets.smollm_checkpoint()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+
+    def rows(name, n):
+        return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text().splitlines()[:n]]
+
+    authors = rows("real_authors", 12)
+    facts = evaluate_split(model, tok, [r["question"] for r in authors], [r["answer"] for r in authors],
+                           [r["perturbed_answer"] for r in authors], kind="facts", max_new_tokens=12)
+    assert facts.probability > 0.3, facts.probabilities  # chance: 0.25
+    assert facts.truth_ratio > 0.3, facts.ratios
+    assert "Shakespeare" in facts.generations[0]
+    forget = rows("forget01", 8)
+    result = evaluate_split(model, tok, [r["question"] for r in forget], [r["answer"] for r in forget], kind="forget",
+                            max_answer_tokens=16, max_new_tokens=16)
+    assert result.rouge_l < 0.3, result.generations  # unseen fictitious facts are not reproduced (0.11)
