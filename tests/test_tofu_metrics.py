@@ -88,7 +88,8 @@ def test_swapped_answers_are_deterministic_and_never_the_own_answer():
     answers = [f"answer {i}" for i in range(10)]
     swapped = swapped_answers(answers, 3)
     assert swapped == swapped_answers(answers, 3)
-    assert swapped[0] == ["answer 2", "answer 4", "answer 6"]  # step 10 // 4 = 2
+    assert swapped[0] == ["answer 1", "answer 2", "answer 3"]
+    assert swapped[9] == ["answer 0", "answer 1", "answer 2"]  # wraps around
     for own, alternatives in zip(answers, swapped):
         assert len(alternatives) == 3 and own not in alternatives and len(set(alternatives)) == 3
     with pytest.raises(ValueError, match="need more than 3"):

@@ -23,7 +23,7 @@ P(a|q)^(1/|a|), TOFU's length-normalised probability (exp(-mean token NLL)).
   (answer probability, ROUGE-L recall, truth-ratio score of each).
 
 The forget and retain sets carry no perturbed answers: :func:`swapped_answers` builds them
-deterministically from the answers of other questions of the same set.
+deterministically from the answers of neighbouring questions of the same set.
 """
 
 from __future__ import annotations
@@ -54,20 +54,21 @@ def _array(values, what: str, ndim: int) -> np.ndarray:
 
 
 def swapped_answers(answers: Sequence[str], num_perturbed: int = 3) -> list[list[str]]:
-    """Perturbed answers for sets that have none: the answers of other questions of the set.
+    """Perturbed answers for sets that have none: the answers of neighbouring questions of the set.
 
-    Example i gets the answers of examples (i + k * step) mod n for k = 1..num_perturbed, with
-    step = n // (num_perturbed + 1): deterministic, never its own answer, and spread over the set
-    (TOFU's sets list 20 questions per author in a row, so distant questions are mostly about
-    other authors).
+    Example i gets the answers of examples (i + k) mod n for k = 1..num_perturbed: deterministic
+    and never its own answer. TOFU lists an author's questions in a row, so the neighbours are
+    mostly about the same author: the swapped answer names the right author but states another
+    of their facts — the closest this data allows to TOFU's perturbed answers (the correct answer
+    with its facts altered). Answers about other authors would be rejected by name alone, even
+    by a model that never saw either.
     """
     n = len(answers)
     if num_perturbed < 1:
         raise ValueError(f"num_perturbed must be >= 1, got {num_perturbed}")
     if n < num_perturbed + 1:
         raise ValueError(f"need more than {num_perturbed} answers to swap in {num_perturbed} others, got {n}")
-    step = n // (num_perturbed + 1)
-    return [[answers[(i + k * step) % n] for k in range(1, num_perturbed + 1)] for i in range(n)]
+    return [[answers[(i + k) % n] for k in range(1, num_perturbed + 1)] for i in range(n)]
 
 
 def answer_probability(correct_mean_log_probs) -> np.ndarray:
