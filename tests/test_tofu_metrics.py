@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from peft_mape.causal_lm import answer_log_probs, format_answer, format_prompt
 from peft_mape.evaluation.tofu import (
@@ -118,6 +117,12 @@ def test_evaluate_split_on_a_tiny_llama_agrees_with_the_parts(one_thread):
     assert facts.truth_ratio == pytest.approx(truth_ratio_score(facts.ratios, "facts"))
     with pytest.raises(ValueError, match="same number"):
         evaluate_split(model, tok, QUESTIONS, ANSWERS, [["a"]] * 4 + [["a", "b"]], kind="retain")
+    part = evaluate_split(model, tok, QUESTIONS, ANSWERS, perturbed, kind="facts", max_new_tokens=3,
+                          rouge_indices=[3, 1])
+    assert part.generations == [facts.generations[3], facts.generations[1]]
+    assert part.ratios == pytest.approx(facts.ratios) and part.rouge.size == 2
+    with pytest.raises(ValueError, match="rouge_indices"):
+        evaluate_split(model, tok, QUESTIONS, ANSWERS, perturbed, kind="facts", rouge_indices=[5])
 
 
 def test_tofu_summary_names_the_nine_utility_numbers(one_thread):

@@ -174,7 +174,8 @@ def model_utility(metrics) -> float:
 
 @dataclass
 class SplitResult:
-    """TOFU numbers of one model on one split, with the per-example values behind them."""
+    """TOFU numbers of one model on one split, with the per-example values behind them
+    (``rouge``/``generations`` cover the questions ROUGE-L was computed on)."""
 
     name: str
     kind: str
@@ -200,14 +201,17 @@ def evaluate_split(model, tokenizer, questions: Sequence[str], answers: Sequence
                    perturbed: Optional[Sequence[Sequence[str]]] = None, *, kind: str, name: Optional[str] = None,
                    template: str = "plain", max_length: Optional[int] = None,
                    max_answer_tokens: Optional[int] = None, max_new_tokens: int = 32, batch_size: int = 16,
-                   num_perturbed: int = 3, perturbed_mean: str = "arithmetic", progress: bool = False) -> SplitResult:
+                   num_perturbed: int = 3, perturbed_mean: str = "arithmetic",
+                   rouge_indices: Optional[Sequence[int]] = None, progress: bool = False) -> SplitResult:
     """Answer probability, ROUGE-L recall and truth ratio of ``model`` on one split.
 
     ``kind``: "forget" or "retain" (probability exp(lp); truth-ratio score min(R, 1/R) for
     forget, max(0, 1 - R) for retain) or "facts" (real_authors/world_facts: normalised
     probability, max(0, 1 - R)). ``perturbed`` defaults to :func:`swapped_answers`.
     Answers are cut to ``max_answer_tokens`` when scored, and the generation (at most
-    ``max_new_tokens``) is compared with the same cut reference.
+    ``max_new_tokens``) is compared with the same cut reference. Generation costs several times
+    more than scoring: ``rouge_indices`` limits ROUGE-L to those questions (default: all), while
+    probabilities and truth ratios always cover every question.
     """
     _check_kind(kind)
     if len(questions) != len(answers):
@@ -231,13 +235,16 @@ def evaluate_split(model, tokenizer, questions: Sequence[str], answers: Sequence
     else:
         probabilities = answer_probability(correct)
     ratios = truth_ratio(correct, wrong, perturbed_mean)
-    generations = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  progress=progress, desc=f"generate {name or kind}")
-    references = [truncate_answer(tokenizer, a, max_answer_tokens) for a in answers]
+    chosen = range(n) if rouge_indices is None else list(rouge_indices)
+    if not chosen or any(not 0 <= i < n for i in chosen):
+        raise ValueError(f"rouge_indices must be a non-empty list of question indices in [0, {n})")
+    generations = greedy_generate(model, tokenizer, [prompts[i] for i in chosen], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, progress=progress, desc=f"generate {name or kind}")
+    references = [truncate_answer(tokenizer, answers[i], max_answer_tokens) for i in chosen]
     rouge = rouge_l_recall(generations, references)
-    return SplitResult(name=name or kind, kind=kind, probability=float(probabilities.mean()), rouge_l=float(rouge.mean()),
-                       truth_ratio=truth_ratio_score(ratios, kind), probabilities=probabilities, rouge=rouge,
-                       ratios=ratios, generations=generations)
+    return SplitResult(name=name or kind, kind=kind, probability=float(probabilities.mean()),
+                       rouge_l=float(rouge.mean()), truth_ratio=truth_ratio_score(ratios, kind),
+                       probabilities=probabilities, rouge=rouge, ratios=ratios, generations=generations)
 
 
 def utility_metrics(retain: SplitResult, real_authors: SplitResult, world_facts: SplitResult) -> dict[str, float]:
