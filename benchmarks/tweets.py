@@ -67,7 +67,8 @@ METHODS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--retain-sample", type=int, default=256, help="MAPEConfig.max_retain_examples")
+    p.add_argument("--retain-sample", type=int, default=1024,
+                   help="MAPEConfig.max_retain_examples (256 cost the default ~6 test points in a pilot run)")
     p.add_argument("--mislabelled-steps", type=int, default=20)
     p.add_argument("--requests", type=int, default=10)
     p.add_argument("--request-size", type=int, default=16)
@@ -289,7 +290,7 @@ def main(argv=None):
     results["total_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "tweets_quick" if args.quick else "tweets"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"{stem}.json").write_text(json.dumps(results))
     table = markdown(results)
     (args.out / f"{stem}.md").write_text(table)
     if not args.quick:
