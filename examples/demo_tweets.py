@@ -199,11 +199,16 @@ def markdown(results) -> str:
             pct = f"{100 * secs / sc['retrain_seconds']:.1f}" if secs is not None else "–"
             lines.append(
                 f"| {r['method']} | {r['forget_acc']:.1f} | {r['retain_acc']:.1f} | {r['test_acc']:.1f} | "
-                f"{r['mia_auc']:.3f} | {secs if secs is None else round(secs, 1) or '–'} | {pct} | "
-                f"{r.get('peak_memory_mb', float('nan')):.0f} | {r.get('adapter_mb', float('nan')):.2f} |"
+                f"{r['mia_auc']:.3f} | {_cell(secs, '.1f')} | {pct} | "
+                f"{_cell(r.get('peak_memory_mb'), '.0f')} | {_cell(r.get('adapter_mb'), '.2f')} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(value, spec: str) -> str:
+    """A table cell: the number formatted, or a dash where the row has none (e.g. the original's time)."""
+    return "–" if value is None else format(value, spec)
 
 
 def main(argv=None):
