@@ -247,7 +247,8 @@ def answer_log_probs(model, tokenizer, prompts: Sequence[str], answers: Sequence
     parts = _decoder_and_head(model)
     with torch.no_grad(), eval_mode(model):
         if parts is not None and len(groups) < len(rows):
-            total = _shared_prompt_sums(parts, rows, groups, batch_size, _pad_id(tokenizer), device, progress, desc)
+            total = _shared_prompt_sums(parts, rows, counts, groups, batch_size, _pad_id(tokenizer), device,
+                                        progress, desc)
         else:
             total = _pairwise_sums(model, rows, batch_size, _pad_id(tokenizer), device, progress, desc)
     return AnswerLogProbs(total=total, mean=total / counts, num_tokens=counts)
@@ -264,12 +265,13 @@ def _pairwise_sums(model, rows, batch_size, pad, device, progress, desc) -> np.n
     return total
 
 
-def _shared_prompt_sums(parts, rows, groups, batch_size, pad, device, progress, desc) -> np.ndarray:
+def _shared_prompt_sums(parts, rows, counts, groups, batch_size, pad, device, progress, desc) -> np.ndarray:
     """Answer log-prob sums with one prompt pass per distinct prompt.
 
     Prompts are left-padded (each ends at the last column) with explicit position ids, their
     key/value cache is repeated for each of their answers, and the right-padded answers run on
     top of it. The first answer token is predicted from the prompt's last hidden state.
+    ``counts[i]`` is the number of scored (answer) tokens of ``rows[i]``, the tail of its ids.
     """
     from transformers import DynamicCache
 
@@ -295,7 +297,7 @@ def _shared_prompt_sums(parts, rows, groups, batch_size, pad, device, progress, 
         members = [i for key in chunk for i in groups[key]]
         owner = torch.tensor([j for j, key in enumerate(chunk) for _ in groups[key]], device=device)
         cache.batch_select_indices(owner)
-        answer_rows = [rows[i]["input_ids"][len(rows[i]["input_ids"]) - _num_scored(rows[i]):] for i in members]
+        answer_rows = [rows[i]["input_ids"][len(rows[i]["input_ids"]) - counts[i]:] for i in members]
         width = max(len(a) for a in answer_rows)
         answer_ids = torch.tensor([a + [pad] * (width - len(a)) for a in answer_rows], device=device)
         answer_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answer_rows], device=device)
@@ -308,10 +310,6 @@ def _shared_prompt_sums(parts, rows, groups, batch_size, pad, device, progress, 
         sums = torch.zeros(answer_ids.shape, dtype=log_p.dtype, device=device).masked_scatter(scored, log_p.squeeze(-1))
         total[members] = sums.sum(1).double().cpu().numpy()
     return total
-
-
-def _num_scored(row: dict[str, list[int]]) -> int:
-    return sum(1 for t in row["labels"] if t != -100)
 
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 16,
