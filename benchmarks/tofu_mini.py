@@ -409,7 +409,7 @@ def main(argv=None):
     results["total_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "tofu_mini_quick" if args.quick else "tofu_mini"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"{stem}.json").write_text(json.dumps(results))
     table = markdown(results)
     (args.out / f"{stem}.md").write_text(table)
     print("\n" + table)
