@@ -25,7 +25,8 @@ import torch
 
 from .architectures import resolve_architecture
 from .data import (
-    drop_overlap, forward_arguments, make_loader, materialise, per_example_losses, to_device, validate_examples,
+    MIN_EVAL_BATCH_SIZE, drop_overlap, forward_arguments, make_eval_loader, make_loader, materialise, per_example_losses,
+    to_device, validate_examples,
 )
 from .evaluation.relearning import Descent
 from .statistics import eval_mode
@@ -45,6 +46,7 @@ class _Data:
     """Loaders shared by the baselines, built like ``unlearn()`` builds them."""
 
     forget: torch.utils.data.DataLoader
+    forget_eval: torch.utils.data.DataLoader  # the forget set batched for no-grad loss passes
     train: Optional[torch.utils.data.DataLoader]  # shuffled retain batches for the loop
     report: Optional[torch.utils.data.DataLoader]  # fixed retain prefix for before/after losses
     num_forget: int
@@ -63,15 +65,17 @@ def _prepare(model, forget, retain, holdout, *, forget_loss_target, batch_size, 
         validate_examples(retain_examples, "retain", needs_labels)
         retain_examples = drop_overlap(retain_examples, forget_examples)  # as unlearn() does, with a warning
     pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    eval_batch_size = max(batch_size, MIN_EVAL_BATCH_SIZE)  # as unlearn()'s default
     target = forget_loss_target
     if target is None and holdout is not None:
         holdout_examples = materialise(holdout, allowed, limit=max_retain_examples, seed=seed, what="holdout")
         validate_examples(holdout_examples, "holdout", needs_labels)
-        target = mean_loss(model, make_loader(holdout_examples, batch_size, pad), loss_fn, device=device)
+        target = mean_loss(model, make_eval_loader(holdout_examples, eval_batch_size, pad), loss_fn, device=device)
     return _Data(
         forget=make_loader(forget_examples, batch_size, pad),
+        forget_eval=make_eval_loader(forget_examples, eval_batch_size, pad),
         train=make_loader(retain_examples, batch_size, pad, shuffle=True, seed=seed) if retain_examples else None,
-        report=make_loader(retain_examples[:REPORT_RETAIN], batch_size, pad) if retain_examples else None,
+        report=make_eval_loader(retain_examples[:REPORT_RETAIN], eval_batch_size, pad) if retain_examples else None,
         num_forget=len(forget_examples), num_retain=len(retain_examples), target=target,
     )
 
@@ -85,7 +89,7 @@ def _update_loss(method: str, choices, retain_weight: float, data: _Data) -> Upd
 
 
 def _losses(model, data: _Data, loss_fn, device) -> tuple[float, Optional[float]]:
-    forget = mean_loss(model, data.forget, loss_fn, device=device)
+    forget = mean_loss(model, data.forget_eval, loss_fn, device=device)
     retain = mean_loss(model, data.report, loss_fn, device=device) if data.report is not None else None
     return forget, retain
 
@@ -209,7 +213,7 @@ def salun_unlearn(model, forget, retain=None, *, num_weights: Optional[int] = No
         torch.manual_seed(seed)
         loop = optimise(model, [named[n] for n in selected], update_loss, data.forget, data.train, device=device,
                         loss_fn=loss_fn, lr=lr, max_steps=max_steps, forget_loss_target=data.target,
-                        progress=progress, initial_forget_loss=forget_before)
+                        progress=progress, initial_forget_loss=forget_before, check_loader=data.forget_eval)
     except BaseException:
         with torch.no_grad():
             for n, m in selected.items():
@@ -284,7 +288,7 @@ def lora_unlearn(model, forget, retain=None, *, method: str = "ga", lora_config=
         params = [p for p in peft_model.parameters() if p.requires_grad]
         loop = optimise(peft_model, params, update_loss, data.forget, data.train, device=device, loss_fn=loss_fn,
                         lr=lr, max_steps=max_steps, forget_loss_target=data.target, progress=progress,
-                        initial_forget_loss=forget_before)
+                        initial_forget_loss=forget_before, check_loader=data.forget_eval)
     except BaseException:
         peft_model.unload()
         raise

@@ -32,15 +32,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import to_device
+from .lm_head import decoder_and_head, scored_token_log_probs, unwrap
 from .statistics import eval_mode
 
 TEMPLATES = ("plain", "chat")
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
-# Model families whose logits are exactly output_embeddings(decoder(...).last_hidden_state):
-# for them the vocabulary projection is applied to answer positions only (the 49k-vocab head
-# is ~30% of SmolLM2's forward cost). Other models get their full forward.
-PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2")
-
 
 def format_prompt(question: str, tokenizer=None, template: str = "plain") -> str:
     """The prompt text for ``question`` (``template`` "plain" or "chat", see module docstring)."""
@@ -161,30 +157,6 @@ class AnswerLogProbs:
     num_tokens: np.ndarray
 
 
-def _unwrap(model):
-    """The underlying transformers model (PEFT wrappers keep their layers injected in it)."""
-    while hasattr(model, "get_base_model"):
-        base = model.get_base_model()
-        if base is model:
-            break
-        model = base
-    return model
-
-
-def _decoder_and_head(model):
-    """(decoder, output embedding) when logits are head(decoder hidden states), else None."""
-    base = _unwrap(model)
-    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_FAMILIES:
-        return None
-    try:
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if decoder is None or head is None or decoder is base:
-        return None
-    return decoder, head
-
-
 def answer_token_log_probs(model, batch: dict) -> torch.Tensor:
     """log p(label_t | tokens < t) for the scored (label != -100) tokens of a right-padded batch.
 
@@ -192,20 +164,14 @@ def answer_token_log_probs(model, batch: dict) -> torch.Tensor:
     also the cheap answer-only causal-LM loss used for fine-tuning (the vocabulary projection
     runs on scored positions only when the model family allows it).
     """
-    labels = batch["labels"]
-    targets = labels[:, 1:]
+    log_p = scored_token_log_probs(model, batch)
+    if log_p is not None:
+        return log_p
+    targets = batch["labels"][:, 1:]
     scored = targets != -100
-    parts = _decoder_and_head(model)
-    if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
-        picked_logits = logits[scored]
-    else:
-        decoder, head = parts
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
-        picked_logits = head(hidden[:, :-1][scored])
-    log_p = F.log_softmax(picked_logits.float(), dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
-    out = torch.zeros(targets.shape, dtype=log_p.dtype, device=log_p.device)
-    return out.masked_scatter(scored, log_p)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
+    picked = F.log_softmax(logits[scored].float(), dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
 
 
 def _right_pad(rows: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -244,7 +210,7 @@ def answer_log_probs(model, tokenizer, prompts: Sequence[str], answers: Sequence
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(tuple(r["input_ids"][: len(r["labels"]) - counts[i]]), []).append(i)
-    parts = _decoder_and_head(model)
+    parts = decoder_and_head(model)
     with torch.no_grad(), eval_mode(model):
         if parts is not None and len(groups) < len(rows):
             total = _shared_prompt_sums(parts, rows, counts, groups, batch_size, _pad_id(tokenizer), device,
@@ -323,7 +289,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    base = _unwrap(model)
+    base = unwrap(model)
     device = device or next(base.parameters()).device
     pad = _pad_id(tokenizer)
     encoded = [prompt_token_ids(tokenizer, p) for p in prompts]

@@ -11,7 +11,8 @@ import torch
 
 from .architectures import unit_param_counts
 from .data import (
-    drop_overlap, fingerprint, forward_arguments, make_loader, materialise, validate_examples,
+    MIN_EVAL_BATCH_SIZE, drop_overlap, fingerprint, forward_arguments, make_eval_loader, make_loader, materialise,
+    validate_examples,
 )
 from .influence import influence_step, solve_damped_system
 from .report import UnlearnReport
@@ -49,7 +50,8 @@ def _adapter_name(tuner, adapter_name: Optional[str]) -> str:
 def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_train_examples: Optional[int] = None,
             sparsity: Optional[float] = None, units: Optional[str] = None, objective: Optional[str] = None,
             seed: int = 0, loss_fn=None, holdout=None, forget_loss_target: Optional[float] = None,
-            batch_size: int = 16, lr: Optional[float] = None, max_steps: Optional[int] = None,
+            batch_size: int = 16, eval_batch_size: Optional[int] = None, lr: Optional[float] = None,
+            max_steps: Optional[int] = None, forget_loss_before: Optional[float] = None,
             retain_weight: float = 1.0, npo_beta: float = 0.1, kl_weight: float = 0.0, damping: float = 1e-3,
             so_scale: float = 1.0, hessian_damping: float = 1.0, solver: str = "cg",
             solver_steps: Optional[int] = None, hessian_examples: int = 256,
@@ -81,6 +83,12 @@ def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_tra
         holdout: data the model never trained on; GA/GradDiff/NPO stop once the mean forget loss
             reaches the holdout's mean loss (the forget set then looks unseen).
         forget_loss_target: an explicit stopping target instead of ``holdout``.
+        batch_size: examples per statistics batch and per update step.
+        eval_batch_size: examples per batch of the no-grad loss passes (report losses, stopping
+            checks, holdout target); default ``max(batch_size, 32)``.
+        forget_loss_before: the mean forget loss at the current weights when the caller has
+            already measured it (e.g. several methods run from one original): skips that pass.
+            Trusted as given; it is reported and is the first early-stopping check.
         kl_weight: add ``kl_weight`` x KL(original || current) on retain batches (loop methods).
         loss_fn: ``loss_fn(outputs, batch) -> tensor[batch]`` of per-example losses.
         retain_statistics: cached retain-side mask statistics at the original weights (see
@@ -102,6 +110,8 @@ def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_tra
         raise ValueError(f"unknown unlearning method {method!r}; choose one of {list(METHODS)}")
     if kl_weight < 0 or (kl_weight > 0 and method in CLOSED_FORM_METHODS):
         raise ValueError(f"kl_weight must be >= 0 and applies to ga/graddiff/npo only, got {kl_weight} for '{method}'")
+    if forget_loss_before is not None and not math.isfinite(forget_loss_before):
+        raise ValueError(f"forget_loss_before must be a finite number, got {forget_loss_before}")
     if config.selection:
         raise ValueError(
             f"adapter '{name}' already holds an unlearning request; add a new adapter for the next one: "
@@ -120,7 +130,8 @@ def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_tra
         config.sparsity = float(config.sparsity)
         return _run(tuner, name, config, forget, retain, method, timings, clock, num_train_examples=num_train_examples,
                     seed=seed, loss_fn=loss_fn, holdout=holdout, forget_loss_target=forget_loss_target,
-                    batch_size=batch_size, lr=lr, max_steps=max_steps, retain_weight=retain_weight,
+                    batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, max_steps=max_steps,
+                    forget_loss_before=forget_loss_before, retain_weight=retain_weight,
                     npo_beta=npo_beta, kl_weight=kl_weight, damping=damping, so_scale=so_scale,
                     hessian_damping=hessian_damping, solver=solver, solver_steps=solver_steps,
                     hessian_examples=hessian_examples, retain_statistics=retain_statistics,
@@ -160,9 +171,9 @@ def prepare_examples(tuner, config, forget, retain, *, loss_fn=None, seed: int =
 
 
 def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_train_examples, seed, loss_fn, holdout,
-         forget_loss_target, batch_size, lr, max_steps, retain_weight, npo_beta, kl_weight, damping, so_scale,
-         hessian_damping, solver, solver_steps, hessian_examples, retain_statistics, exclude_from_retain, selection,
-         progress):
+         forget_loss_target, batch_size, eval_batch_size, lr, max_steps, forget_loss_before, retain_weight, npo_beta,
+         kl_weight, damping, so_scale, hessian_damping, solver, solver_steps, hessian_examples, retain_statistics,
+         exclude_from_retain, selection, progress):
     model = tuner.model
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -175,13 +186,17 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
     if needs_retain and not retain_examples:
         raise ValueError(f"method '{method}' needs a non-empty retain set"
                          + (" (or pass retain_weight=0 for NPO without a retain term)" if method == "npo" else ""))
+    if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+        raise ValueError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
+    eval_batch_size = eval_batch_size or max(batch_size, MIN_EVAL_BATCH_SIZE)
     pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     forget_loader = make_loader(forget_examples, batch_size, pad)
+    forget_eval_loader = make_eval_loader(forget_examples, eval_batch_size, pad)
     # Statistics read the retain sample in order; the optimisation loop draws shuffled batches.
     retain_loader = make_loader(retain_examples, batch_size, pad) if retain_examples else None
     train_loader = make_loader(retain_examples, batch_size, pad, shuffle=True, seed=seed) if retain_examples else None
     # The report's retain loss is measured on a fixed prefix of the (random) retain sample.
-    report_loader = make_loader(retain_examples[:REPORT_RETAIN], batch_size, pad) if retain_examples else None
+    report_loader = make_eval_loader(retain_examples[:REPORT_RETAIN], eval_batch_size, pad) if retain_examples else None
     timings["data"] = time.perf_counter() - clock
 
     target = forget_loss_target
@@ -189,12 +204,13 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
         holdout_examples = materialise(holdout, forward_arguments(model), limit=int(config.max_retain_examples),
                                        seed=seed, what="holdout")
         validate_examples(holdout_examples, "holdout", needs_labels=loss_fn is None)
-        target = mean_loss(model, make_loader(holdout_examples, batch_size, pad), loss_fn, device=device)
-    forget_now = None
-    if target is not None:
+        target = mean_loss(model, make_eval_loader(holdout_examples, eval_batch_size, pad), loss_fn, device=device)
+    forget_now = forget_loss_before
+    if target is not None and forget_now is None:
         clock = time.perf_counter()
-        forget_now = mean_loss(model, forget_loader, loss_fn, device=device)
+        forget_now = mean_loss(model, forget_eval_loader, loss_fn, device=device)
         timings["evaluation"] = timings.get("evaluation", 0.0) + time.perf_counter() - clock
+    if target is not None:
         if forget_now >= target:
             # The forget set already looks unseen (e.g. mislabelled examples the model never fit):
             # there is nothing to undo, so no statistics, selection or update.
@@ -204,22 +220,23 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
     arch = tuner.architecture(name)
     unit_params = unit_param_counts(arch, dict(model.named_modules()), config.update_scope)
     timings.setdefault("evaluation", 0.0)
-    forget_before = retain_before = None
+    forget_before, retain_before = forget_now, None
     if selection is None:
         if retain_statistics is not None:
             removed = exclude_from_retain | {fingerprint(e) for e in forget_examples}
             retain_statistics = retain_statistics.without(removed)
             notes.append(f"mask search used cached retain statistics ({len(retain_statistics)} examples)")
-        result, forget_before, retain_before = _search(
+        result, searched_forget_loss, retain_before = _search(
             tuner, config, forget_loader, retain_loader, retain_statistics, unit_params, loss_fn, device, progress,
             notes, timings,
         )
+        forget_before = searched_forget_loss if forget_before is None else forget_before
     else:
         timings["statistics"] = 0.0
         result = fixed_selection(arch, selection, config=config, unit_params=unit_params, seed=seed)
     clock = time.perf_counter()
     if forget_before is None:
-        forget_before = mean_loss(model, forget_loader, loss_fn, device=device)
+        forget_before = mean_loss(model, forget_eval_loader, loss_fn, device=device)
     if retain_before is None and report_loader is not None:
         retain_before = mean_loss(model, report_loader, loss_fn, device=device)
     timings["evaluation"] += time.perf_counter() - clock
@@ -262,7 +279,8 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
         max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
         loop = optimise(model, params, update_loss, forget_loader, train_loader, device=device, loss_fn=loss_fn,
                         lr=lr, max_steps=max_steps, forget_loss_target=target, progress=progress,
-                        initial_forget_loss=forget_now, reference=lambda: tuner.muted([name]))
+                        initial_forget_loss=forget_before, reference=lambda: tuner.muted([name]),
+                        check_loader=forget_eval_loader)
         steps, stopped_early = loop.steps, loop.stopped_early
         hyper.update(lr=lr, max_steps=max_steps, kl_weight=kl_weight,
                      retain_weight=retain_weight if update_loss.needs_retain else None,
@@ -271,7 +289,7 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
     timings["update"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    forget_after = mean_loss(model, forget_loader, loss_fn, device=device)
+    forget_after = mean_loss(model, forget_eval_loader, loss_fn, device=device)
     retain_after = mean_loss(model, report_loader, loss_fn, device=device) if report_loader else None
     timings["evaluation"] += time.perf_counter() - clock
     with torch.no_grad():

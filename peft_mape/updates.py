@@ -180,10 +180,13 @@ def optimise(model, params: Sequence[torch.nn.Parameter], update_loss: UpdateLos
              eval_every: int = 5, max_grad_norm: float = 1.0, progress: bool = True,
              on_step: Optional[Callable[[int], None]] = None,
              initial_forget_loss: Optional[float] = None,
-             reference: Optional[Callable[[], contextlib.AbstractContextManager]] = None) -> LoopResult:
+             reference: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+             check_loader=None) -> LoopResult:
     """Minimise ``update_loss`` over ``params`` with Adam; stop at ``forget_loss_target`` if given.
 
     ``initial_forget_loss`` spares the first check's pass when the caller has just measured it.
+    ``check_loader`` serves the stopping checks (default ``forget_loader``, whose batches train):
+    the same examples, batched for a no-grad pass.
     ``reference()`` returns a context in which the model computes the reference (original)
     outputs; NPO and the KL term need it.
     """
@@ -196,10 +199,11 @@ def optimise(model, params: Sequence[torch.nn.Parameter], update_loss: UpdateLos
     forget_batches = itertools.cycle(forget_loader)
     retain_batches = itertools.cycle(retain_loader) if update_loss.needs_retain else None
     result = LoopResult()
+    check_loader = forget_loader if check_loader is None else check_loader
     if forget_loss_target is not None:
         current = initial_forget_loss
         if current is None:
-            current = mean_loss(model, forget_loader, loss_fn, device=device)
+            current = mean_loss(model, check_loader, loss_fn, device=device)
         result.forget_loss_trace.append(current)
         if current >= forget_loss_target:  # already looks unseen: nothing to undo
             result.stopped_early = True
@@ -214,7 +218,8 @@ def optimise(model, params: Sequence[torch.nn.Parameter], update_loss: UpdateLos
                     losses.forget_reference = per_example_losses(model, forget_batch, loss_fn)
             if retain_batches is not None:
                 retain_batch = to_device(next(retain_batches), device)
-                outputs, losses.retain = forward_with_losses(model, retain_batch, loss_fn)
+                outputs, losses.retain = forward_with_losses(model, retain_batch, loss_fn,
+                                                             need_outputs=update_loss.needs_retain_kl)
                 if update_loss.needs_retain_kl:
                     with torch.no_grad(), reference():
                         reference_logits = model(**retain_batch).logits
@@ -231,7 +236,7 @@ def optimise(model, params: Sequence[torch.nn.Parameter], update_loss: UpdateLos
             if on_step is not None:
                 on_step(step)
             if forget_loss_target is not None and (step % eval_every == 0 or step == max_steps):
-                current = mean_loss(model, forget_loader, loss_fn, device=device)
+                current = mean_loss(model, check_loader, loss_fn, device=device)
                 result.forget_loss_trace.append(current)
                 bar.set_postfix(forget_loss=f"{current:.3f}", target=f"{forget_loss_target:.3f}")
                 if current >= forget_loss_target:

@@ -128,6 +128,30 @@ def test_answer_only_head_equals_the_full_forward(tok, one_thread):
     assert torch.allclose(fast, full, atol=1e-5)
 
 
+def test_default_loss_projects_only_answer_positions_with_the_same_values_and_gradients(tok, one_thread):
+    """per_example_losses takes the decoder + answer-position head path for a Llama batch:
+    same losses and gradients as the model's own forward through the default loss."""
+    from peft_mape.data import forward_with_losses
+    from peft_mape.lm_head import scored_token_log_probs
+
+    model = tiny_model("llama")
+    ds = build_qa_dataset(tok, QUESTIONS, ANSWERS)
+    batch = pad_collate([{k: torch.tensor(v) for k, v in row.items()} for row in ds], tok.pad_token_id)
+    params = list(model.parameters())
+    outputs, fast = forward_with_losses(model, batch, None, need_outputs=False)
+    assert outputs is None  # the cheap path ran: no full-vocabulary logits
+    full = default_per_example_loss(model(**batch), batch)
+    assert torch.allclose(fast, full, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(fast.sum(), params), torch.autograd.grad(full.sum(), params)):
+        assert torch.allclose(a, b, atol=1e-6)
+    # Batches the decoder path does not understand, and non-LM models, take the full forward.
+    assert scored_token_log_probs(model, {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]}) \
+        is None
+    assert scored_token_log_probs(tiny_model("bert"), batch) is None
+    outputs, _ = forward_with_losses(model, batch, None)
+    assert outputs is not None and outputs.logits.shape[-1] == model.config.vocab_size
+
+
 def test_scores_through_an_empty_mape_adapter_equal_the_base_model(tok, one_thread):
     model = tiny_model("llama")
     prompts, answers = [format_prompt(q) for q in QUESTIONS], [format_answer(a) for a in ANSWERS]

@@ -122,6 +122,8 @@ def test_same_seed_same_selection():
         (lambda m, f, r: m.unlearn(f, r, method="magic"), "unknown unlearning method"),
         (lambda m, f, r: m.unlearn([{"text": "hello"}], r), "not model-ready"),
         (lambda m, f, r: m.unlearn(f, None, method="graddiff"), "needs a non-empty retain"),
+        (lambda m, f, r: m.unlearn(f, r, forget_loss_before=float("nan")), "forget_loss_before"),
+        (lambda m, f, r: m.unlearn(f, r, eval_batch_size=0), "eval_batch_size"),
     ],
 )
 def test_bad_input_gives_clear_errors(call, message):
@@ -227,3 +229,33 @@ def test_no_update_when_the_forget_set_already_looks_unseen():
     assert report.num_selected_heads == 0 and report.seconds["statistics"] == 0.0
     assert any("no update" in w for w in report.warnings)
     assert model.peft_config["default"].selection is None
+
+
+def test_eval_batch_size_changes_no_reported_number():
+    """The no-grad loss passes run length-sorted in larger batches; the means are the same."""
+    forget, retain = tiny_examples("llama", 7), tiny_examples("llama", 12, seed=4)
+    kwargs = dict(method="graddiff", max_steps=3, lr=1e-2, batch_size=2, forget_loss_target=50.0, progress=False)
+    small = _peft("llama").unlearn(forget, retain, eval_batch_size=1, **kwargs)
+    large = _peft("llama").unlearn(forget, retain, eval_batch_size=64, **kwargs)
+    for key in ("forget_loss_before", "forget_loss_after", "retain_loss_before", "retain_loss_after"):
+        assert getattr(small, key) == pytest.approx(getattr(large, key), rel=1e-5), key
+    assert small.diagnostics["forget_loss_trace"] == pytest.approx(large.diagnostics["forget_loss_trace"], rel=1e-5)
+
+
+def test_a_measured_forget_loss_before_skips_that_pass(monkeypatch):
+    """Several methods from one original: the caller's measured loss is reported and no forget
+    pass runs before the update (the after-pass still does)."""
+    import peft_mape.unlearn as module
+
+    forget, retain = tiny_examples("llama", 5), tiny_examples("llama", 8, seed=4)
+    selection = {"heads": {"0": [1]}, "filters": {"1": [2, 3]}}
+    measured = _peft("llama").unlearn(forget, retain, method="ga", max_steps=0, selection=selection,
+                                      progress=False).forget_loss_before
+    passes = []
+    real_mean_loss = module.mean_loss
+    monkeypatch.setattr(module, "mean_loss", lambda model, loader, *a, **k: passes.append(len(loader.dataset))
+                        or real_mean_loss(model, loader, *a, **k))
+    report = _peft("llama").unlearn(forget, retain, method="ga", max_steps=2, selection=selection,
+                                    forget_loss_before=measured, progress=False)
+    assert report.forget_loss_before == measured
+    assert passes.count(len(forget)) == 1  # the after-pass only
