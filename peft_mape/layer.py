@@ -8,6 +8,12 @@ depending on the projection's role) and a dense fp32 delta over exactly those sl
 
 so trainable parameters, optimizer state and the saved artifact scale with the selection.
 
+Successive requests stack adapters, and each active adapter costs its own matmul in every
+forward. While ``unlearn()`` trains one adapter, the others are constants: *folding* them
+(:meth:`MAPELayer.fold`) precomputes W + their scattered deltas once, so the forward costs one
+matmul however many requests came before (fp32/fp64 weights only: in bf16, W + delta would round
+the small deltas away).
+
 Two temporary modes serve the statistics passes, and neither changes the forward values:
 - *gates*: on the input of a "cols" projection (attention output / FFN down), the input is
   multiplied by a per-example gate of ones, shape [batch, units]. Its gradient is the
@@ -49,6 +55,8 @@ class MAPELayer(nn.Module, BaseTunerLayer):
         self._per_example: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         # Adapters skipped in the forward while a reference (original) output is computed.
         self.muted_adapters: frozenset[str] = frozenset()
+        # (names, weight [out, in], bias) while adapters are folded into one weight, see fold().
+        self._folded: Optional[tuple[frozenset, torch.Tensor, Optional[torch.Tensor]]] = None
 
     # ----------------------------------------------------------------- adapter storage
     def update_layer(self, adapter_name: str, index: Optional[torch.Tensor]) -> None:
@@ -99,6 +107,41 @@ class MAPELayer(nn.Module, BaseTunerLayer):
     def clear_per_example(self) -> None:
         self._per_example = {}
 
+    # ----------------------------------------------------------------- folded adapters
+    def fold(self, adapter_names) -> frozenset:
+        """Precompute the base weight plus the deltas of ``adapter_names`` (held constant until
+        :meth:`unfold`); the forward then applies them in one matmul. Returns the names folded:
+        none for half-precision weights or when this layer holds no delta of them."""
+        self.unfold()
+        base = self.get_base_layer()
+        names = frozenset(n for n in adapter_names if n in self.mape_delta)
+        plain = type(base) is nn.Linear or type(base).__name__ == "Conv1D"  # forward = x W^T + b
+        if not names or not plain or base.weight.dtype not in (torch.float32, torch.float64):
+            return frozenset()
+        with torch.no_grad():
+            weight = (base.weight.T if self.is_conv1d else base.weight).detach().clone()  # [out, in]
+            bias = None if base.bias is None else base.bias.detach().clone()
+            for name in sorted(names):
+                index = self.mape_index[name]
+                delta = self.mape_delta[name].detach().to(weight.dtype)
+                weight.index_add_(0 if self.role == ROLE_ROWS else 1, index, delta)
+                if name in self.mape_bias:
+                    bias.index_add_(0, index, self.mape_bias[name].detach().to(bias.dtype))
+        self._folded = (names, weight, bias)
+        return names
+
+    def unfold(self) -> None:
+        self._folded = None
+
+    def _folded_adapters(self) -> frozenset:
+        """Names whose deltas the folded weight applies now (none if any of them is muted or inactive)."""
+        if self._folded is None:
+            return frozenset()
+        names = self._folded[0]
+        if names & self.muted_adapters or not names <= set(self.active_adapters):
+            return frozenset()
+        return names
+
     # ----------------------------------------------------------------- forward
     def _apply_gate(self, x: torch.Tensor) -> torch.Tensor:
         gate = self._gate
@@ -139,11 +182,16 @@ class MAPELayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self._gate is not None:
             x = self._apply_gate(x)
-        result = self.base_layer(x, *args, **kwargs)
+        folded = frozenset() if self.merged else self._folded_adapters()
+        if folded:
+            _, weight, bias = self._folded
+            result = nn.functional.linear(x, weight, bias)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
         for name in self.active_adapters:
-            if name in self.mape_delta and name not in self.muted_adapters:
+            if name in self.mape_delta and name not in self.muted_adapters and name not in folded:
                 result = self._delta_output(x, result, name)
         return result
 

@@ -82,6 +82,20 @@ class MAPEModel(BaseTuner):
             for layer, before in zip(layers, previous):
                 layer.muted_adapters = before
 
+    @contextlib.contextmanager
+    def folded(self, adapter_names: Iterable[str]):
+        """Apply ``adapter_names`` through one precomputed weight per layer while the context
+        lasts (their deltas must not change meanwhile); see :meth:`MAPELayer.fold`."""
+        names = list(adapter_names)
+        layers = [layer for _, layer in self.mape_layers()]
+        try:
+            for layer in layers:
+                layer.fold(names)
+            yield
+        finally:
+            for layer in layers:
+                layer.unfold()
+
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [p for _, layer in self.mape_layers() for p in layer.adapter_parameters(adapter_name)]
 

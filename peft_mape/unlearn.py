@@ -56,7 +56,8 @@ def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_tra
             so_scale: float = 1.0, hessian_damping: float = 1.0, solver: str = "cg",
             solver_steps: Optional[int] = None, hessian_examples: int = 256,
             retain_statistics: Optional[RetainStatistics] = None, exclude_from_retain: Iterable[str] = (),
-            adapter_name: Optional[str] = None, selection=None, progress: bool = True) -> UnlearnReport:
+            adapter_name: Optional[str] = None, selection=None, fold_other_adapters: bool = True,
+            progress: bool = True) -> UnlearnReport:
     """Erase the influence of ``forget`` into one MAPE adapter and return a report.
 
     Args:
@@ -97,6 +98,9 @@ def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_tra
         selection: skip the mask search and update these units instead: ``"all"`` (every head
             and filter: the full-parameter baseline), ``"random"`` (random units at the same
             budget) or ``{"heads": {layer: [...]}, "filters": {...}}``.
+        fold_other_adapters: while this call runs, apply the other active adapters (earlier
+            requests) through one precomputed weight per layer, so a request costs the same
+            however many came before; costs one copy of the affected fp32 projection weights.
 
     On any exception the adapter is restored to its previous (empty) state; base weights and
     other adapters are never written.
@@ -128,14 +132,17 @@ def unlearn(tuner, forget, retain=None, method: Optional[str] = None, *, num_tra
                 setattr(config, key, value)
         config.validate()  # the per-call overrides obey the same rules as the config fields
         config.sparsity = float(config.sparsity)
-        return _run(tuner, name, config, forget, retain, method, timings, clock, num_train_examples=num_train_examples,
-                    seed=seed, loss_fn=loss_fn, holdout=holdout, forget_loss_target=forget_loss_target,
-                    batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, max_steps=max_steps,
-                    forget_loss_before=forget_loss_before, retain_weight=retain_weight,
-                    npo_beta=npo_beta, kl_weight=kl_weight, damping=damping, so_scale=so_scale,
-                    hessian_damping=hessian_damping, solver=solver, solver_steps=solver_steps,
-                    hessian_examples=hessian_examples, retain_statistics=retain_statistics,
-                    exclude_from_retain=set(exclude_from_retain), selection=selection, progress=progress)
+        others = [a for a in tuner.active_adapters if a != name] if fold_other_adapters else []
+        with tuner.folded(others):
+            return _run(tuner, name, config, forget, retain, method, timings, clock,
+                        num_train_examples=num_train_examples, seed=seed, loss_fn=loss_fn, holdout=holdout,
+                        forget_loss_target=forget_loss_target, batch_size=batch_size,
+                        eval_batch_size=eval_batch_size, lr=lr, max_steps=max_steps,
+                        forget_loss_before=forget_loss_before, retain_weight=retain_weight, npo_beta=npo_beta,
+                        kl_weight=kl_weight, damping=damping, so_scale=so_scale, hessian_damping=hessian_damping,
+                        solver=solver, solver_steps=solver_steps, hessian_examples=hessian_examples,
+                        retain_statistics=retain_statistics, exclude_from_retain=set(exclude_from_retain),
+                        selection=selection, progress=progress)
     except BaseException:
         # Nothing outside this adapter was written; dropping its deltas restores the model.
         tuner.apply_selection(name, None)

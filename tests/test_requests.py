@@ -138,3 +138,51 @@ def test_request_errors_leave_no_adapter_behind(memorised):
     model.unlearn_request(forget, retain, name="first", **SO)
     with pytest.raises(ValueError, match="already exists"):
         model.unlearn_request(forget, retain, name="first", **SO)
+
+
+def test_folded_earlier_requests_give_the_same_outputs_gradients_and_request(memorised):
+    """Earlier request adapters folded into one weight per layer: same logits (also with one of
+    them muted), same gradients for the adapter in training, and a memory-free request whose
+    deltas match the one computed through separate delta matmuls."""
+    model, forget, retain = _peft(memorised)
+    training = forget + retain
+    model.unlearn_request(forget[:2], training, **SO)
+    model.unlearn_request(forget[2:4], training, **SO)
+    tuner = model.base_model
+    earlier = ["default", "request-1", "request-2"]
+    plain = _logits(model, forget)
+    with tuner.muted(["request-1"]):
+        plain_muted = _logits(model, forget)
+    with tuner.folded(earlier):
+        layers = [layer for _, layer in tuner.mape_layers()]
+        assert any(layer._folded is not None for layer in layers)
+        assert torch.allclose(_logits(model, forget), plain, atol=1e-5)  # fp32 rounding: W + d vs W, d apart
+        with tuner.muted(["request-1"]):  # a muted adapter cannot stay folded: the layer falls back
+            assert torch.allclose(_logits(model, forget), plain_muted, atol=1e-5)
+    assert all(layer._folded is None for layer in layers)
+
+    # A third request with and without folding: identical selections and (near-)identical deltas.
+    twin, _, _ = _peft(memorised)
+    twin.unlearn_request(forget[:2], training, **SO)
+    twin.unlearn_request(forget[2:4], training, **SO)
+    seen_folded = []
+
+    def loss_fn(outputs, batch, tuner=tuner):
+        seen_folded.append(any(layer._folded is not None for _, layer in tuner.mape_layers()))
+        from peft_mape.data import default_per_example_loss
+        return default_per_example_loss(outputs, batch)
+
+    folded = model.unlearn_request(forget[4:], training, loss_fn=loss_fn, **SO)
+    unfolded = twin.unlearn_request(forget[4:], training, fold_other_adapters=False, **SO)
+    assert all(seen_folded) and seen_folded
+    assert (folded.selected_heads, folded.selected_filters) == (unfolded.selected_heads, unfolded.selected_filters)
+    for a, b in zip(_deltas(tuner, "request-3"), _deltas(twin.base_model, "request-3")):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_half_precision_layers_do_not_fold():
+    """W + delta in bf16 would round small deltas away: such layers keep separate delta matmuls."""
+    model = get_peft_model(tiny_model("llama").to(torch.bfloat16), MAPEConfig(sparsity=0.5))
+    tuner = model.base_model
+    tuner.apply_selection("default", {"heads": {"0": [1]}, "filters": {"0": [2]}})
+    assert all(layer.fold(["default"]) == frozenset() for _, layer in tuner.mape_layers())
