@@ -13,7 +13,7 @@
 
 Budget (2 CPU cores, <= 30 min once the fine-tuned models are cached): prompt + answer <= 56
 tokens (answers cut to 16 tokens), the original/retrained models fine-tune only their top blocks,
-unlearning uses a 32-example retain sample and a fixed budget of 10 Adam steps on batches of 4
+unlearning uses a 32-example retain sample and a fixed budget of 8 Adam steps on batches of 4
 (no early stopping by default: every check is a forward pass over the forget set), influence a
 4-example Hessian and 2 CG iterations, and metrics are measured on fixed subsets (sizes in the
 table note).
@@ -22,7 +22,8 @@ For forget01 the gold standard is the same retain300-only model: it never saw fo
 
 Each method starts from a fresh copy of the cached original. The mask search is
 method-independent (same data, seed and objective), so it runs once per request and its
-selection is handed to the other MAPE methods; its time is added to every MAPE row.
+selection is handed to the other MAPE methods; its time is added to every MAPE row. The
+original's forget loss (the report's "before") is likewise measured once per request.
 
 Usage: python benchmarks/tofu_mini.py [--threads 2] [--quick] [--methods MAPE-GA,full\\ GA]
 """
@@ -193,10 +194,15 @@ def mean_answer_tokens(dataset) -> float:
     return sum(sum(1 for t in row if t != -100) for row in dataset["labels"]) / len(dataset)
 
 
-def run_method(label, method, kwargs, *, shared_selection, forget_ds, retain_ds, holdout_ds, num_train, args, load):
-    """One unlearning run from a fresh original; returns (merged model, report, seconds, search seconds)."""
+def run_method(label, method, kwargs, *, shared_selection, forget_loss, forget_ds, retain_ds, holdout_ds, num_train,
+               args, load):
+    """One unlearning run from a fresh original; returns (merged model, report, seconds, search seconds).
+
+    ``forget_loss``: the original's forget loss measured by an earlier row (every row starts from
+    the same original and forget set), so this row skips that pass.
+    """
     model = get_peft_model(load(), peft_mape.MAPEConfig(sparsity=args.sparsity, max_retain_examples=args.max_retain))
-    kwargs = dict(kwargs)
+    kwargs = dict(kwargs, forget_loss_before=forget_loss)
     reused = 0.0
     if kwargs.get("selection") is None and shared_selection is not None:
         kwargs["selection"], reused = shared_selection
@@ -242,6 +248,7 @@ def run_scenario(name, data, train_records, tokenizer, evaluator, baselines, arg
         _print_row(label, metrics, rows[-1]["seconds"])
 
     shared_selection = None  # (selection dict, seconds of the statistics + search that produced it)
+    forget_loss = None  # the original's mean forget loss, from the first row's report
     for label, method, kwargs in selected_methods(args):
         if method not in SUPPORTED_METHODS:
             print(f"  {label:<16} skipped: unlearn() has no method {method!r} yet (supported: {SUPPORTED_METHODS})")
@@ -249,12 +256,14 @@ def run_scenario(name, data, train_records, tokenizer, evaluator, baselines, arg
             continue
         try:
             model, report, seconds, reused = run_method(
-                label, method, kwargs, shared_selection=shared_selection, forget_ds=forget_ds, retain_ds=retain_ds,
+                label, method, kwargs, shared_selection=shared_selection, forget_loss=forget_loss,
+                forget_ds=forget_ds, retain_ds=retain_ds,
                 holdout_ds=holdout_ds, num_train=len(train_records), args=args, load=load_original)
         except Exception as exc:  # one failing method must not sink the benchmark
             traceback.print_exc()
             rows.append({"method": label, "error": f"{type(exc).__name__}: {exc}"})
             continue
+        forget_loss = report.forget_loss_before if forget_loss is None else forget_loss
         searched = kwargs.get("selection") is None and shared_selection is None and report.num_selected_heads + \
             report.num_selected_filters > 0
         if searched:

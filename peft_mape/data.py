@@ -177,8 +177,9 @@ def make_loader(examples: list[Example], batch_size: int, pad_token_id: int = 0,
 
 
 # No-grad loss passes (report losses, early-stopping checks, the holdout target) need no
-# activations for a backward pass, so they run in larger batches than the update: on 2 CPU
-# cores SmolLM2's forget05 pass took 28 s in batches of 4 and 9 s in length-sorted batches of 32.
+# activations for a backward pass, so they run in larger, length-sorted batches than the update.
+# SmolLM2-135M's pass over TOFU forget05 (200 questions) on 2 CPU cores: 28.8 s in batches of 4,
+# 20.3 s length-sorted in batches of 32, 13.9 s with the answer-position head as well.
 MIN_EVAL_BATCH_SIZE = 32
 
 

@@ -2,14 +2,15 @@
 # One command: set up the environment, then regenerate every table and plot in
 # benchmarks/results/ — tweets classification (random + mislabelled requests, every baseline,
 # relearning attack, 10 successive requests), TOFU-mini on SmolLM2-135M, and S3T.
-# Measured alone on 2 CPU cores with the fine-tuned originals cached: tweets 40 min, TOFU-mini
-# 32 min, S3T 10 min (a first run adds ~10 min of fine-tuning; they are cached afterwards).
+# The parts run one after another, each with two torch threads on the two cores: two such jobs
+# at once oversubscribe the cores and every timing in the tables would be inflated.
+# Times: README, "Benchmark results".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
 start=$(date +%s)
-python benchmarks/tweets.py
-python benchmarks/tofu_mini.py
-python benchmarks/s3t_tweets.py --clock cpu --threads 1
+python benchmarks/tweets.py --threads 2
+python benchmarks/tofu_mini.py --threads 2
+python benchmarks/s3t_tweets.py --clock wall --threads 2
 echo "all benchmarks done in $(( $(date +%s) - start )) s; tables and plots in benchmarks/results/"
