@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tofu_setup as setup  # noqa: E402
 
 import peft_mape  # noqa: E402
-from peft_mape.evaluation.tofu import evaluate_split, swapped_answers, tofu_summary  # noqa: E402
+from peft_mape.evaluation.tofu import evaluate_splits, swapped_answers, tofu_summary  # noqa: E402
 from peft_mape.unlearn import METHODS as SUPPORTED_METHODS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,6 +117,8 @@ def parse_args(argv=None):
                    "questions, less noise in the harmonic mean)")
     p.add_argument("--facts-eval", type=int, default=16, help="world_facts questions evaluated")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--generation-batch-size", type=int, default=128,
+                   help="greedy generation for ROUGE: every split's questions of a model in one batch")
     p.add_argument("--facts-new-tokens", type=int, default=16, help="generation length on real_authors/world_facts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -155,23 +157,32 @@ class Evaluator:
             "world_facts": (subset(data["world_facts"], args.facts_eval, args.seed), "facts"),
         }
 
-    def split(self, model, records, kind, name, rouge_indices=None):
+    def _spec(self, records, kind, rouge_indices=None):
         a = self.args
-        return evaluate_split(
-            model, self.tokenizer, [r["question"] for r in records], [r["answer"] for r in records],
-            [r["perturbed_answer"] for r in records], kind=kind, name=name, max_length=a.max_length,
-            max_answer_tokens=a.max_answer_tokens,
-            max_new_tokens=a.facts_new_tokens if kind == "facts" else a.max_answer_tokens,
-            batch_size=a.eval_batch_size, rouge_indices=rouge_indices,
-        )
+        return {"questions": [r["question"] for r in records], "answers": [r["answer"] for r in records],
+                "perturbed": [r["perturbed_answer"] for r in records], "kind": kind, "rouge_indices": rouge_indices,
+                "max_new_tokens": a.facts_new_tokens if kind == "facts" else a.max_answer_tokens}
+
+    def evaluate(self, model, forget_records=None, *, utility=True) -> dict:
+        """Splits by name: "forget" (when records are given; ROUGE-L on a seeded subset) and the
+        three utility splits; their greedy answers are generated together."""
+        specs = {}
+        if forget_records is not None:
+            rouge = subset(list(range(len(forget_records))), self.args.forget_rouge, self.args.seed)
+            specs["forget"] = self._spec(forget_records, "forget", rouge)
+        if utility:
+            specs.update({name: self._spec(records, kind) for name, (records, kind) in self.utility_sets.items()})
+        a = self.args
+        return evaluate_splits(model, self.tokenizer, specs, max_length=a.max_length,
+                               max_answer_tokens=a.max_answer_tokens, batch_size=a.eval_batch_size,
+                               generation_batch_size=a.generation_batch_size)
 
     def utility(self, model):
-        return {name: self.split(model, records, kind, name) for name, (records, kind) in self.utility_sets.items()}
+        return self.evaluate(model)
 
     def forget(self, model, records):
         """The forget questions given (a seeded subset of forget05); ROUGE-L on a seeded subset of them."""
-        rouge = subset(list(range(len(records))), self.args.forget_rouge, self.args.seed)
-        return self.split(model, records, "forget", "forget", rouge_indices=rouge)
+        return self.evaluate(model, records, utility=False)["forget"]
 
 
 def summarise(forget_split, utility, retrained_ratios):
@@ -270,8 +281,8 @@ def run_scenario(name, data, train_records, tokenizer, evaluator, baselines, arg
             search_seconds = report.seconds.get("statistics", 0.0) + report.seconds.get("search", 0.0)
             shared_selection = ({"heads": report.selected_heads, "filters": report.selected_filters}, search_seconds)
         eval_start = time.perf_counter()
-        forget_split = evaluator.forget(model, eval_records)
-        utility = evaluator.utility(model)
+        utility = evaluator.evaluate(model, eval_records)
+        forget_split = utility.pop("forget")
         metrics, splits = summarise(forget_split, utility, gold_forget.ratios)
         report_dict = report.to_dict()
         report_dict.pop("scores", None)  # per-unit scores: large and not needed here

@@ -38,6 +38,7 @@ from .statistics import eval_mode
 TEMPLATES = ("plain", "chat")
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
 
+
 def format_prompt(question: str, tokenizer=None, template: str = "plain") -> str:
     """The prompt text for ``question`` (``template`` "plain" or "chat", see module docstring)."""
     _check_template(template)

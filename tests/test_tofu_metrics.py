@@ -11,7 +11,7 @@ import pytest
 
 from peft_mape.causal_lm import answer_log_probs, format_answer, format_prompt
 from peft_mape.evaluation.tofu import (
-    answer_probability, evaluate_split, forget_quality, model_utility, normalised_answer_probability,
+    answer_probability, evaluate_split, evaluate_splits, forget_quality, model_utility, normalised_answer_probability,
     rouge_l_recall, swapped_answers, tofu_summary, truth_ratio, truth_ratio_score, utility_metrics,
 )
 
@@ -123,6 +123,32 @@ def test_evaluate_split_on_a_tiny_llama_agrees_with_the_parts(one_thread):
     assert part.ratios == pytest.approx(facts.ratios) and part.rouge.size == 2
     with pytest.raises(ValueError, match="rouge_indices"):
         evaluate_split(model, tok, QUESTIONS, ANSWERS, perturbed, kind="facts", rouge_indices=[5])
+
+
+def test_evaluate_splits_generates_together_and_equals_one_split_at_a_time(one_thread):
+    """Several splits, one batched generation per max_new_tokens: the same numbers and answers
+    as evaluate_split on each split alone; bad generations/indices are refused."""
+    model, tok = tiny_model("llama", seed=2), toy_tokenizer()
+    perturbed = [[a] for a in ANSWERS[1:] + ANSWERS[:1]]
+    specs = {"forget": {"questions": QUESTIONS, "answers": ANSWERS, "kind": "forget", "rouge_indices": [0, 3],
+                        "max_new_tokens": 3},
+             "facts": {"questions": QUESTIONS[:3], "answers": ANSWERS[:3], "perturbed": perturbed[:3],
+                       "kind": "facts", "max_new_tokens": 3},
+             "retain": {"questions": QUESTIONS[1:], "answers": ANSWERS[1:], "kind": "retain", "max_new_tokens": 2}}
+    together = evaluate_splits(model, tok, specs, num_perturbed=2, generation_batch_size=16)
+    assert list(together) == ["forget", "facts", "retain"]
+    for name, spec in specs.items():
+        alone = evaluate_split(model, tok, spec["questions"], spec["answers"], spec.get("perturbed"), kind=spec["kind"],
+                               name=name, rouge_indices=spec.get("rouge_indices"),
+                               max_new_tokens=spec["max_new_tokens"], num_perturbed=2)
+        assert together[name].generations == alone.generations
+        assert together[name].probabilities == pytest.approx(alone.probabilities, abs=1e-6)
+        assert together[name].ratios == pytest.approx(alone.ratios, abs=1e-6)
+        assert together[name].rouge_l == pytest.approx(alone.rouge_l)
+    with pytest.raises(ValueError, match="generations"):
+        evaluate_split(model, tok, QUESTIONS, ANSWERS, kind="retain", rouge_indices=[0, 1], generations=["x"])
+    with pytest.raises(ValueError, match="rouge_indices"):
+        evaluate_splits(model, tok, {"bad": {"questions": QUESTIONS, "answers": ANSWERS, "rouge_indices": [9]}})
 
 
 def test_tofu_summary_names_the_nine_utility_numbers(one_thread):

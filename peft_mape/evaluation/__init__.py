@@ -20,7 +20,7 @@ from .mia import (
 from .relearning import RelearningResult, forget_set_metrics, relearning_attack, split_forget_set
 from .suite import classification_metrics, language_model_metrics, metric_gaps
 from .tofu import (
-    SplitResult, answer_probability, evaluate_split, forget_quality, model_utility, normalised_answer_probability,
+    SplitResult, answer_probability, evaluate_split, evaluate_splits, forget_quality, model_utility, normalised_answer_probability,
     rouge_l_recall, swapped_answers, tofu_summary, truth_ratio, truth_ratio_score, utility_metrics,
 )
 
@@ -33,7 +33,7 @@ __all__ = [
     "zlib_ratio_scores",
     "RelearningResult", "forget_set_metrics", "relearning_attack", "split_forget_set",
     "classification_metrics", "language_model_metrics", "metric_gaps",
-    "SplitResult", "answer_probability", "evaluate_split", "forget_quality", "model_utility",
+    "SplitResult", "answer_probability", "evaluate_split", "evaluate_splits", "forget_quality", "model_utility",
     "normalised_answer_probability", "rouge_l_recall", "swapped_answers", "tofu_summary", "truth_ratio",
     "truth_ratio_score", "utility_metrics",
 ]

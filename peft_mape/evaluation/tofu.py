@@ -197,12 +197,20 @@ class SplitResult:
                 "generations": list(self.generations)}
 
 
+def _rouge_choice(n: int, rouge_indices: Optional[Sequence[int]]) -> list[int]:
+    chosen = list(range(n)) if rouge_indices is None else list(rouge_indices)
+    if not chosen or any(not 0 <= i < n for i in chosen):
+        raise ValueError(f"rouge_indices must be a non-empty list of question indices in [0, {n})")
+    return chosen
+
+
 def evaluate_split(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
                    perturbed: Optional[Sequence[Sequence[str]]] = None, *, kind: str, name: Optional[str] = None,
                    template: str = "plain", max_length: Optional[int] = None,
                    max_answer_tokens: Optional[int] = None, max_new_tokens: int = 32, batch_size: int = 16,
                    num_perturbed: int = 3, perturbed_mean: str = "arithmetic",
-                   rouge_indices: Optional[Sequence[int]] = None, progress: bool = False) -> SplitResult:
+                   rouge_indices: Optional[Sequence[int]] = None, generations: Optional[Sequence[str]] = None,
+                   progress: bool = False) -> SplitResult:
     """Answer probability, ROUGE-L recall and truth ratio of ``model`` on one split.
 
     ``kind``: "forget" or "retain" (probability exp(lp); truth-ratio score min(R, 1/R) for
@@ -211,7 +219,9 @@ def evaluate_split(model, tokenizer, questions: Sequence[str], answers: Sequence
     Answers are cut to ``max_answer_tokens`` when scored, and the generation (at most
     ``max_new_tokens``) is compared with the same cut reference. Generation costs several times
     more than scoring: ``rouge_indices`` limits ROUGE-L to those questions (default: all), while
-    probabilities and truth ratios always cover every question.
+    probabilities and truth ratios always cover every question. ``generations``: the greedy
+    answers to the ``rouge_indices`` questions when the caller has generated them already (see
+    :func:`evaluate_splits`, which generates for several splits in one batched call).
     """
     _check_kind(kind)
     if len(questions) != len(answers):
@@ -235,16 +245,48 @@ def evaluate_split(model, tokenizer, questions: Sequence[str], answers: Sequence
     else:
         probabilities = answer_probability(correct)
     ratios = truth_ratio(correct, wrong, perturbed_mean)
-    chosen = range(n) if rouge_indices is None else list(rouge_indices)
-    if not chosen or any(not 0 <= i < n for i in chosen):
-        raise ValueError(f"rouge_indices must be a non-empty list of question indices in [0, {n})")
-    generations = greedy_generate(model, tokenizer, [prompts[i] for i in chosen], max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, progress=progress, desc=f"generate {name or kind}")
+    chosen = _rouge_choice(n, rouge_indices)
+    if generations is None:
+        generations = greedy_generate(model, tokenizer, [prompts[i] for i in chosen], max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size, progress=progress, desc=f"generate {name or kind}")
+    elif len(generations) != len(chosen):
+        raise ValueError(f"got {len(generations)} generations for {len(chosen)} ROUGE questions")
     references = [truncate_answer(tokenizer, answers[i], max_answer_tokens) for i in chosen]
     rouge = rouge_l_recall(generations, references)
     return SplitResult(name=name or kind, kind=kind, probability=float(probabilities.mean()),
                        rouge_l=float(rouge.mean()), truth_ratio=truth_ratio_score(ratios, kind),
                        probabilities=probabilities, rouge=rouge, ratios=ratios, generations=generations)
+
+
+def evaluate_splits(model, tokenizer, splits: Mapping[str, Mapping], *, template: str = "plain",
+                    generation_batch_size: int = 128, progress: bool = False, **common) -> dict[str, SplitResult]:
+    """:func:`evaluate_split` for several splits, with their greedy answers generated together.
+
+    ``splits`` maps a name to that split's arguments (``questions``, ``answers`` and optionally
+    ``perturbed``, ``kind``, ``rouge_indices``, ``max_new_tokens``); ``common`` holds the
+    arguments every split shares (``max_length``, ``batch_size``, ...). Generation costs one
+    forward per new token whatever the batch, so the ROUGE prompts of every split with the same
+    ``max_new_tokens`` share one :func:`greedy_generate` call in batches of
+    ``generation_batch_size``.
+    """
+    plans = {name: _rouge_choice(len(spec["questions"]), spec.get("rouge_indices")) for name, spec in splits.items()}
+    prompts_by_length: dict[int, list[tuple[str, str]]] = {}
+    for name, spec in splits.items():
+        new_tokens = spec.get("max_new_tokens", common.get("max_new_tokens", 32))
+        prompts_by_length.setdefault(new_tokens, []).extend(
+            (name, format_prompt(spec["questions"][i], tokenizer, template)) for i in plans[name])
+    generated: dict[str, list[str]] = {name: [] for name in splits}
+    for new_tokens, pairs in prompts_by_length.items():
+        texts = greedy_generate(model, tokenizer, [p for _, p in pairs], max_new_tokens=new_tokens,
+                                batch_size=generation_batch_size, progress=progress, desc="generate")
+        for (name, _), text in zip(pairs, texts):
+            generated[name].append(text)
+    shared = {k: v for k, v in common.items() if k != "max_new_tokens"}
+    return {name: evaluate_split(model, tokenizer, spec["questions"], spec["answers"], spec.get("perturbed"),
+                                 kind=spec.get("kind", "retain"), name=name, template=template,
+                                 rouge_indices=plans[name], generations=generated[name], progress=progress,
+                                 **shared)
+            for name, spec in splits.items()}
 
 
 def utility_metrics(retain: SplitResult, real_authors: SplitResult, world_facts: SplitResult) -> dict[str, float]:
