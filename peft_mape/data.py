@@ -200,6 +200,14 @@ def to_device(batch: dict, device) -> dict:
 LossFn = Callable[[object, dict], torch.Tensor]
 
 
+def scored_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens each causal-LM example is scored on (shifted labels != -100); an error if any has none."""
+    counts = (labels[:, 1:] != -100).sum(1)
+    if (counts == 0).any():
+        raise ValueError("some examples yield no loss: every label token is -100 (masked)")
+    return counts
+
+
 def default_per_example_loss(outputs, batch: dict) -> torch.Tensor:
     """Per-example loss consistent with the model's own ``outputs.loss``.
 
@@ -222,10 +230,7 @@ def default_per_example_loss(outputs, batch: dict) -> torch.Tensor:
             shifted_logits.transpose(1, 2), shifted_labels.long(), ignore_index=-100, reduction="none"
         )
         valid = (shifted_labels != -100).to(token_loss.dtype)
-        counts = valid.sum(1)
-        if (counts == 0).any():
-            raise ValueError("some examples yield no loss: every label token is -100 (masked)")
-        return (token_loss * valid).sum(1) / counts
+        return (token_loss * valid).sum(1) / scored_token_counts(labels).to(token_loss.dtype)
     raise ValueError(
         f"cannot derive per-example losses from logits of shape {tuple(logits.shape)} and labels of "
         f"shape {tuple(labels.shape)}; pass loss_fn(outputs, batch) -> tensor[batch]"
@@ -242,10 +247,7 @@ def forward_with_losses(model, batch: dict, loss_fn: Optional[LossFn], *, need_o
     outputs = None
     token_log_probs = scored_token_log_probs(model, batch) if loss_fn is None and not need_outputs else None
     if token_log_probs is not None:
-        counts = (batch["labels"][:, 1:] != -100).sum(1)
-        if (counts == 0).any():
-            raise ValueError("some examples yield no loss: every label token is -100 (masked)")
-        losses = -token_log_probs.sum(1) / counts
+        losses = -token_log_probs.sum(1) / scored_token_counts(batch["labels"])
     else:
         outputs = model(**batch)
         losses = (loss_fn or default_per_example_loss)(outputs, batch)
