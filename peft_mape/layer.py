@@ -19,8 +19,8 @@ Two temporary modes serve the statistics passes, and neither changes the forward
   multiplied by a per-example gate of ones, shape [batch, units]. Its gradient is the
   per-example mask gradient dl/dm_u = sum_tokens <a_u, dl/da_u> (SPEC §2). Multiplying by 1.0
   is exact in IEEE arithmetic, so outputs are bit-identical.
-- *per-example deltas*: the adapter's delta is replaced by a [batch, ...] copy, so one
-  backward pass of the summed per-example losses yields every example's own gradient.
+- *recording*: the adapter's delta input and update are kept, so one backward pass of the
+  summed per-example losses yields every example's own delta gradient (an einsum per layer).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class MAPELayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._gate: Optional[torch.Tensor] = None
-        self._per_example: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        # adapter -> [(input the delta multiplies, update)] while per-example gradients are formed.
+        self._recorded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Adapters skipped in the forward while a reference (original) output is computed.
         self.muted_adapters: frozenset[str] = frozenset()
         # (names, weight [out, in], bias) while adapters are folded into one weight, see fold().
@@ -95,17 +96,37 @@ class MAPELayer(nn.Module, BaseTunerLayer):
     def close_gate(self) -> None:
         self._gate = None
 
-    def use_per_example_delta(self, adapter_name: str, batch_size: int) -> list[torch.Tensor]:
-        """Replace the adapter's delta by a per-example copy; returns the tensors to differentiate."""
-        delta = self.mape_delta[adapter_name].detach()
-        bias = self.mape_bias[adapter_name].detach() if adapter_name in self.mape_bias else None
-        per_delta = delta.expand(batch_size, *delta.shape).clone().requires_grad_(True)
-        per_bias = None if bias is None else bias.expand(batch_size, *bias.shape).clone().requires_grad_(True)
-        self._per_example[adapter_name] = (per_delta, per_bias)
-        return [t for t in (per_delta, per_bias) if t is not None]
+    def record_delta_inputs(self, adapter_name: str) -> None:
+        """Start recording, at every forward, the input this adapter's delta multiplies and the
+        update it adds (see :meth:`add_squared_example_gradients`)."""
+        self._recorded[adapter_name] = []
 
-    def clear_per_example(self) -> None:
-        self._per_example = {}
+    def recorded_updates(self, adapter_name: str) -> list[torch.Tensor]:
+        """The updates recorded since :meth:`record_delta_inputs`: differentiate the loss w.r.t. these."""
+        return [update for _, update in self._recorded[adapter_name]]
+
+    def add_squared_example_gradients(self, adapter_name: str, update_grads, totals) -> None:
+        """Add sum over examples of the squared per-example gradient of the delta (and bias
+        delta) of ``adapter_name`` into ``totals``, from d loss / d update for each recorded
+        update (in :meth:`recorded_updates` order).
+
+        The update is x D^T (rows and columns alike), so example b's gradient is g_b^T x_b over
+        its tokens: one small matmul per example, squared into the total at once. The forward and
+        backward keep their ordinary cost, and no [batch, *D.shape] tensor is formed (on CPU
+        that batched tensor and its squared sum over the batch cost about 6x more).
+        """
+        records = [(x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1]))
+                   for (x, _), g in zip(self._recorded[adapter_name], update_grads)]
+        with_bias = adapter_name in self.mape_bias
+        for b in range(records[0][0].shape[0]):
+            grad = sum(g[b].T @ x[b] for x, g in records)
+            totals[0].addcmul_(grad, grad)
+            if with_bias:
+                bias_grad = sum(g[b].sum(0) for _, g in records)
+                totals[1].addcmul_(bias_grad, bias_grad)
+
+    def stop_recording(self) -> None:
+        self._recorded = {}
 
     # ----------------------------------------------------------------- folded adapters
     def fold(self, adapter_names) -> frozenset:
@@ -115,8 +136,7 @@ class MAPELayer(nn.Module, BaseTunerLayer):
         self.unfold()
         base = self.get_base_layer()
         names = frozenset(n for n in adapter_names if n in self.mape_delta)
-        plain = type(base) is nn.Linear or type(base).__name__ == "Conv1D"  # forward = x W^T + b
-        if not names or not plain or base.weight.dtype not in (torch.float32, torch.float64):
+        if not names or not self._is_plain() or base.weight.dtype not in (torch.float32, torch.float64):
             return frozenset()
         with torch.no_grad():
             weight = (base.weight.T if self.is_conv1d else base.weight).detach().clone()  # [out, in]
@@ -153,27 +173,44 @@ class MAPELayer(nn.Module, BaseTunerLayer):
 
     def _delta_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         index = self.mape_index[adapter_name]
-        if adapter_name in self._per_example:
-            delta, bias = self._per_example[adapter_name]
-        else:
-            delta = self.mape_delta[adapter_name]
-            bias = self.mape_bias[adapter_name] if adapter_name in self.mape_bias else None
-        per_example = delta.dim() == 3
+        delta = self.mape_delta[adapter_name]
+        bias = self.mape_bias[adapter_name] if adapter_name in self.mape_bias else None
         xd = x.to(delta.dtype)
+        if self.role != ROLE_ROWS:
+            xd = xd.index_select(-1, index)
+        update = xd @ delta.T
+        if bias is not None:
+            update = update + bias
+        if adapter_name in self._recorded:
+            self._recorded[adapter_name].append((xd.detach(), update))
         if self.role == ROLE_ROWS:
-            if per_example:
-                update = torch.einsum("b...i,bki->b...k", xd, delta)
-            else:
-                update = xd @ delta.T
-            if bias is not None:
-                update = update + (bias.view(bias.shape[0], *([1] * (x.dim() - 2)), -1) if per_example else bias)
             return result.index_add(-1, index, update.to(result.dtype))
-        xs = xd.index_select(-1, index)
-        if per_example:
-            update = torch.einsum("b...k,bok->b...o", xs, delta)
-        else:
-            update = xs @ delta.T
         return result + update.to(result.dtype)
+
+    def _is_plain(self) -> bool:
+        """The base layer computes exactly x W^T + b (nn.Linear or transformers' Conv1D)."""
+        base = self.get_base_layer()
+        return type(base) is nn.Linear or type(base).__name__ == "Conv1D"
+
+    def _covers_whole_weight(self, adapter_name: str) -> bool:
+        """The adapter's delta spans every row (or column) of this projection, in the weight's
+        dtype, and is not being recorded for per-example gradients: see :meth:`forward`."""
+        axis_size = self.out_features if self.role == ROLE_ROWS else self.in_features
+        return (self.mape_index[adapter_name].numel() == axis_size and adapter_name not in self._recorded
+                and self.mape_delta[adapter_name].dtype == self.get_base_layer().weight.dtype and self._is_plain())
+
+    def _dense_weight(self, names, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
+        """(W + deltas of ``names``, b + their bias deltas); differentiable in the deltas."""
+        base = self.get_base_layer()
+        if weight is None:
+            weight = base.weight.T if self.is_conv1d else base.weight
+            bias = base.bias
+        axis = 0 if self.role == ROLE_ROWS else 1
+        for name in names:
+            weight = weight.index_add(axis, self.mape_index[name], self.mape_delta[name])
+            if name in self.mape_bias:
+                bias = bias.index_add(0, self.mape_index[name], self.mape_bias[name])
+        return weight, bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -182,16 +219,25 @@ class MAPELayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self._gate is not None:
             x = self._apply_gate(x)
-        folded = frozenset() if self.merged else self._folded_adapters()
-        if folded:
-            _, weight, bias = self._folded
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        folded = self._folded_adapters()
+        pending = [name for name in self.active_adapters
+                   if name in self.mape_delta and name not in self.muted_adapters and name not in folded]
+        # A delta over the whole weight (selection="all": the full-parameter baselines) is added
+        # to W before one matmul: x (W + D)^T costs one matmul forward and two backward, against
+        # two and three for x W^T + x D^T. Smaller deltas keep their own matmul over the selected
+        # slices, which is cheaper than materialising W + D and its full gradient.
+        dense = [name for name in pending if self._covers_whole_weight(name)]
+        weight, bias = self._folded[1:] if folded else (None, None)
+        if dense:
+            weight, bias = self._dense_weight(dense, weight, bias)
+        if weight is not None:
             result = nn.functional.linear(x, weight, bias)
         else:
             result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name in self.mape_delta and name not in self.muted_adapters and name not in folded:
+        for name in pending:
+            if name not in dense:
                 result = self._delta_output(x, result, name)
         return result
 

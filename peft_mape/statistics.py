@@ -122,16 +122,22 @@ def parameter_fisher_diagonal(tuner, adapter_name, loader, loss_fn=None, *, devi
         with eval_mode(tuner.model):
             for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
                 batch = to_device(batch, device)
-                size = next(iter(batch.values())).shape[0]
-                per_example = [t for layer in layers for t in layer.use_per_example_delta(adapter_name, size)]
+                for layer in layers:
+                    layer.record_delta_inputs(adapter_name)
                 losses = per_example_losses(tuner.model, batch, loss_fn)
-                grads = torch.autograd.grad(losses.sum(), per_example)
-                for total, grad in zip(sums, grads):
-                    total.add_(grad.pow(2).sum(0))
-                count += size
+                updates = [layer.recorded_updates(adapter_name) for layer in layers]
+                flat = list(torch.autograd.grad(losses.sum(), [u for group in updates for u in group]))
+                start = 0
+                for layer, group in zip(layers, updates):
+                    grads, flat = flat[:len(group)], flat[len(group):]
+                    width = len(layer.adapter_parameters(adapter_name))
+                    layer.add_squared_example_gradients(adapter_name, grads, sums[start:start + width])
+                    start += width
+                    layer.stop_recording()  # frees this layer's recorded inputs
+                count += losses.shape[0]
     finally:
         for layer in layers:
-            layer.clear_per_example()
+            layer.stop_recording()
     return [s / max(count, 1) for s in sums]
 
 

@@ -160,3 +160,52 @@ def test_per_example_parameter_gradients_equal_a_loop(arch_kind):
     for f, r in zip(fisher, reference):
         assert torch.allclose(f, r, atol=1e-7, rtol=1e-4)
     assert sum(float(f.sum()) for f in fisher) > 0
+
+
+def _select_everything(tuner, name="default"):
+    arch = tuner.architecture(name)
+    layers = range(arch.num_layers)
+    tuner.apply_selection(name, {"heads": {str(i): list(range(arch.num_heads)) for i in layers},
+                                 "filters": {str(i): list(range(arch.num_filters)) for i in layers}})
+
+
+def test_whole_weight_deltas_fold_into_one_matmul_with_the_same_outputs_and_gradients(arch_kind, monkeypatch):
+    """selection="all" deltas go through x (W + D)^T: same logits and delta gradients as the
+    separate x D^T matmul over the selected slices (fp32 rounding aside)."""
+    model = tiny_model(arch_kind)
+    batch = make_loader(tiny_examples(arch_kind, 4), 4).__iter__().__next__()
+    peft_model = get_peft_model(model, MAPEConfig())
+    tuner = peft_model.base_model
+    _select_everything(tuner)
+    torch.manual_seed(1)
+    params = tuner.adapter_parameters("default")
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.02)
+
+    def logits_and_grads():
+        loss = per_example_losses(peft_model, batch, None).sum()
+        return peft_model(**{k: v for k, v in batch.items() if k != "labels"}).logits, torch.autograd.grad(loss, params)
+
+    layers = [layer for _, layer in tuner.mape_layers()]
+    assert all(layer._covers_whole_weight("default") for layer in layers)
+    dense_logits, dense_grads = logits_and_grads()
+    monkeypatch.setattr(MAPELayer, "_covers_whole_weight", lambda self, name: False)
+    sliced_logits, sliced_grads = logits_and_grads()
+    assert torch.allclose(dense_logits, sliced_logits, atol=1e-5, rtol=1e-4)
+    for a, b in zip(dense_grads, sliced_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    with tuner.muted(["default"]):
+        base_logits = peft_model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert not torch.allclose(base_logits, sliced_logits, atol=1e-5)  # the deltas do act
+
+
+def test_partial_and_half_precision_deltas_keep_their_own_matmul():
+    model = get_peft_model(tiny_model("llama"), MAPEConfig(sparsity=0.5))
+    tuner = model.base_model
+    tuner.apply_selection("default", {"heads": {"0": [1]}, "filters": {"0": [2]}})
+    assert not any(layer._covers_whole_weight("default") for _, layer in tuner.mape_layers()
+                   if "default" in layer.mape_delta)
+    half = get_peft_model(tiny_model("llama").to(torch.bfloat16), MAPEConfig())
+    _select_everything(half.base_model)
+    assert not any(layer._covers_whole_weight("default") for _, layer in half.base_model.mape_layers())
