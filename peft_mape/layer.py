@@ -20,7 +20,7 @@ Two temporary modes serve the statistics passes, and neither changes the forward
   per-example mask gradient dl/dm_u = sum_tokens <a_u, dl/da_u> (SPEC §2). Multiplying by 1.0
   is exact in IEEE arithmetic, so outputs are bit-identical.
 - *recording*: the adapter's delta input and update are kept, so one backward pass of the
-  summed per-example losses yields every example's own delta gradient (an einsum per layer).
+  summed per-example losses yields every example's own delta gradient (g_b^T x_b).
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ class MAPELayer(nn.Module, BaseTunerLayer):
         """
         records = [(x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1]))
                    for (x, _), g in zip(self._recorded[adapter_name], update_grads)]
+        if not records:  # the forward never reached this layer: its gradients are zero
+            return
         with_bias = adapter_name in self.mape_bias
         for b in range(records[0][0].shape[0]):
             grad = sum(g[b].T @ x[b] for x, g in records)

@@ -126,12 +126,12 @@ def parameter_fisher_diagonal(tuner, adapter_name, loader, loss_fn=None, *, devi
                     layer.record_delta_inputs(adapter_name)
                 losses = per_example_losses(tuner.model, batch, loss_fn)
                 updates = [layer.recorded_updates(adapter_name) for layer in layers]
-                flat = list(torch.autograd.grad(losses.sum(), [u for group in updates for u in group]))
+                grads = iter(torch.autograd.grad(losses.sum(), [u for group in updates for u in group]))
                 start = 0
                 for layer, group in zip(layers, updates):
-                    grads, flat = flat[:len(group)], flat[len(group):]
                     width = len(layer.adapter_parameters(adapter_name))
-                    layer.add_squared_example_gradients(adapter_name, grads, sums[start:start + width])
+                    layer.add_squared_example_gradients(adapter_name, [next(grads) for _ in group],
+                                                        sums[start:start + width])
                     start += width
                     layer.stop_recording()  # frees this layer's recorded inputs
                 count += losses.shape[0]
