@@ -140,15 +140,8 @@ class MAPELayer(nn.Module, BaseTunerLayer):
         names = frozenset(n for n in adapter_names if n in self.mape_delta)
         if not names or not self._is_plain() or base.weight.dtype not in (torch.float32, torch.float64):
             return frozenset()
-        with torch.no_grad():
-            weight = (base.weight.T if self.is_conv1d else base.weight).detach().clone()  # [out, in]
-            bias = None if base.bias is None else base.bias.detach().clone()
-            for name in sorted(names):
-                index = self.mape_index[name]
-                delta = self.mape_delta[name].detach().to(weight.dtype)
-                weight.index_add_(0 if self.role == ROLE_ROWS else 1, index, delta)
-                if name in self.mape_bias:
-                    bias.index_add_(0, index, self.mape_bias[name].detach().to(bias.dtype))
+        with torch.no_grad():  # fp32/fp64 weights hold deltas of their own dtype (update_layer)
+            weight, bias = self._dense_weight(sorted(names), None, None)
         self._folded = (names, weight, bias)
         return names
 
