@@ -20,7 +20,6 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -28,6 +27,7 @@ from .data import FORWARD_ALIASES, fingerprint, forward_arguments, materialise
 from .evaluation.suite import metric_gaps
 from .inspection import selection_summary
 from .report import UnlearnReport
+from .saving import atomic_write
 
 AUDIT_FILE = "audit_report.json"
 SCHEMA = "peft-mape/audit-report/1"
@@ -119,18 +119,15 @@ def save_audit_report(audit: dict, directory) -> Path:
         raise FileNotFoundError(f"cannot save the audit report: {directory} is not a directory "
                                 "(save the adapter first)")
     target = directory / AUDIT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{AUDIT_FILE}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp):
+        with open(tmp, "w") as f:
             json.dump(audit, f, indent=2, default=_json_scalar)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(target, write)
     return target
 
 

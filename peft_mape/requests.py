@@ -22,7 +22,6 @@ import copy
 import datetime
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,6 +29,7 @@ from typing import Optional
 
 from .data import fingerprint, make_loader
 from .report import UnlearnReport
+from .saving import atomic_write
 from .statistics import RetainStatistics, mask_gradients
 
 MODES = ("memory_free", "memory_aided")
@@ -76,9 +76,8 @@ class RequestLog:
         return {"requests": [asdict(r) for r in self.records]}
 
     def save(self, path) -> None:
-        tmp = f"{path}.tmp"
-        Path(tmp).write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
+        text = json.dumps(self.to_dict(), indent=2)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
     @classmethod
     def load(cls, path) -> "RequestLog":
@@ -140,6 +139,8 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     template = tuner.peft_config[active_before[-1]]
     config = copy.deepcopy(config if config is not None else template)
     config.selection = None
+    config.base_fingerprint = None
+    config.weights_digest = None
     config.inference_mode = False
     tuner.peft_config[name] = config
     tuner.inject_adapter(tuner.model, name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import per_example_losses, to_device
+from .saving import atomic_write
 
 UNIT_TYPES = ("heads", "filters")
 
@@ -175,9 +175,8 @@ class RetainStatistics:
         """Write a safetensors file (tensors; fingerprints in the metadata), atomically."""
         tensors = {f"per_example.{k}": v.contiguous() for k, v in self.per_example.items()}
         tensors["losses"] = self.losses.contiguous()
-        tmp = f"{path}.tmp"
-        save_file(tensors, tmp, metadata={"fingerprints": json.dumps(self.fingerprints)})
-        os.replace(tmp, path)
+        metadata = {"fingerprints": json.dumps(self.fingerprints)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path) -> "RetainStatistics":
