@@ -208,14 +208,43 @@ def _blocks(indices, size: int) -> torch.Tensor:
     return (idx[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
 
 
+def _as_index(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise ValueError(f"selection: {what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def selected_units(selection: dict, kind: str, num_layers: int, num_units: int) -> dict[int, list[int]]:
+    """Layer -> sorted unit indices of ``selection[kind]`` ("heads" or "filters"), checked against
+    the model: a clear ``ValueError`` naming the layer and the index instead of a silently ignored
+    layer or an ``IndexError`` deep in the update."""
+    if not isinstance(selection, dict) or set(selection) - {"heads", "filters"}:
+        raise ValueError(f"selection must be a dict with keys 'heads' and/or 'filters', got {selection!r}")
+    per_layer = selection.get(kind) or {}
+    if not isinstance(per_layer, dict):
+        raise ValueError(f"selection['{kind}'] must map layer -> list of indices, got {per_layer!r}")
+    out = {}
+    for layer_key, indices in per_layer.items():
+        layer = _as_index(layer_key, f"{kind} layer")
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"selection['{kind}']: layer {layer} out of range 0..{num_layers - 1}")
+        if not isinstance(indices, (list, tuple)):
+            raise ValueError(f"selection['{kind}'][{layer}] must be a list of indices, got {indices!r}")
+        units = sorted({_as_index(i, f"{kind} index of layer {layer}") for i in indices})
+        if units and (units[0] < 0 or units[-1] >= num_units):
+            raise ValueError(f"selection['{kind}'][{layer}]: index out of range 0..{num_units - 1}: {units}")
+        out[layer] = units
+    return out
+
+
 def owned_indices(arch: Architecture, selection: dict, update_scope: str = "unit") -> dict[str, torch.Tensor]:
     """Module name -> sorted indices (rows or columns, by the module's role) owned by the selection.
 
     ``selection`` is ``{"heads": {layer: [h, ...]}, "filters": {layer: [j, ...]}}`` with layer
     keys as ints or strings. Modules with nothing selected are absent from the result.
     """
-    heads = {int(k): v for k, v in (selection.get("heads") or {}).items()}
-    filters = {int(k): v for k, v in (selection.get("filters") or {}).items()}
+    heads = selected_units(selection, "heads", arch.num_layers, arch.num_heads)
+    filters = selected_units(selection, "filters", arch.num_layers, arch.num_filters)
     d, group = arch.head_dim, arch.num_heads // arch.num_kv_heads
     hidden_q, hidden_kv = arch.num_heads * d, arch.num_kv_heads * d
     out: dict[str, torch.Tensor] = {}
@@ -225,9 +254,7 @@ def owned_indices(arch: Architecture, selection: dict, update_scope: str = "unit
             out[name] = idx
 
     for b in arch.blocks:
-        sel_h = sorted(set(int(h) for h in heads.get(b.index, [])))
-        if any(h < 0 or h >= arch.num_heads for h in sel_h):
-            raise ValueError(f"layer {b.index}: head index out of range 0..{arch.num_heads - 1}: {sel_h}")
+        sel_h = heads.get(b.index, [])
         put(b.o_proj, _blocks(sel_h, d))
         if update_scope == "unit" and sel_h:
             q_rows = _blocks(sel_h, d)
@@ -238,9 +265,7 @@ def owned_indices(arch: Architecture, selection: dict, update_scope: str = "unit
                 put(b.q_proj, q_rows)
                 put(b.k_proj, kv_rows)
                 put(b.v_proj, kv_rows)
-        sel_f = torch.as_tensor(sorted(set(int(j) for j in filters.get(b.index, []))), dtype=torch.long)
-        if sel_f.numel() and (sel_f.min() < 0 or sel_f.max() >= arch.num_filters):
-            raise ValueError(f"layer {b.index}: filter index out of range 0..{arch.num_filters - 1}")
+        sel_f = torch.as_tensor(filters.get(b.index, []), dtype=torch.long)
         put(b.down_proj, sel_f)
         if update_scope == "unit":
             put(b.up_proj, sel_f)

@@ -59,17 +59,17 @@ def _prepare(model, forget, retain, holdout, *, forget_loss_target, batch_size, 
     allowed = forward_arguments(model)
     needs_labels = loss_fn is None
     forget_examples = materialise(forget, allowed, what="forget")
-    validate_examples(forget_examples, "forget", needs_labels)
+    validate_examples(forget_examples, "forget", needs_labels, model=model)
     retain_examples = materialise(retain, allowed, limit=max_retain_examples, seed=seed, what="retain")
     if retain_examples:
-        validate_examples(retain_examples, "retain", needs_labels)
+        validate_examples(retain_examples, "retain", needs_labels, model=model)
         retain_examples = drop_overlap(retain_examples, forget_examples)  # as unlearn() does, with a warning
     pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     eval_batch_size = max(batch_size, MIN_EVAL_BATCH_SIZE)  # as unlearn()'s default
     target = forget_loss_target
     if target is None and holdout is not None:
         holdout_examples = materialise(holdout, allowed, limit=max_retain_examples, seed=seed, what="holdout")
-        validate_examples(holdout_examples, "holdout", needs_labels)
+        validate_examples(holdout_examples, "holdout", needs_labels, model=model)
         target = mean_loss(model, make_eval_loader(holdout_examples, eval_batch_size, pad), loss_fn, device=device)
     return _Data(
         forget=make_loader(forget_examples, batch_size, pad),
@@ -325,7 +325,7 @@ def retrain(model, retain, *, epochs: int = 3, lr: float = 1e-4, batch_size: int
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     device = _device(model, device)
     examples = materialise(retain, forward_arguments(model), what="retain")
-    validate_examples(examples, "retain", needs_labels=loss_fn is None)
+    validate_examples(examples, "retain", needs_labels=loss_fn is None, model=model)
     pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     loader = make_loader(examples, batch_size, pad, shuffle=True, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]

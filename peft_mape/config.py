@@ -13,6 +13,7 @@ UNIT_CHOICES = ("heads", "filters", "both")
 ACCOUNTING_CHOICES = ("per_type", "pooled", "param_weighted")
 OBJECTIVE_CHOICES = ("mlr", "mlf", "norm")
 SCOPE_CHOICES = ("unit", "output_side")
+BASE_CHECKS = ("warn", "error", "off")
 
 
 @dataclass
@@ -101,6 +102,27 @@ class MAPEConfig(PeftConfig):
             "Recorded so that delta shapes can be rebuilt on load."
         },
     )
+    base_fingerprint: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Written by unlearn(): a fingerprint of the base weights the deltas were computed on, checked "
+            "when the adapter is loaded (see base_model_check)."
+        },
+    )
+    base_model_check: str = field(
+        default="warn",
+        metadata={
+            "help": "What loading does when the base weights differ from the recorded fingerprint: 'warn', "
+            "'error' (raise peft_mape.integrity.BaseModelMismatch) or 'off'."
+        },
+    )
+    weights_digest: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Written by save_pretrained(): SHA-256 of the saved weights file, checked once when that file "
+            "is loaded, so a corrupt or mismatched file is an error."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,12 +138,22 @@ class MAPEConfig(PeftConfig):
         _check_choice("sparsity_accounting", self.sparsity_accounting, ACCOUNTING_CHOICES)
         _check_choice("objective", self.objective, OBJECTIVE_CHOICES)
         _check_choice("update_scope", self.update_scope, SCOPE_CHOICES)
-        if int(self.rearrangement_rounds) < 0:
-            raise ValueError(f"rearrangement_rounds must be >= 0, got {self.rearrangement_rounds}")
-        if int(self.max_retain_examples) < 1:
-            raise ValueError(f"max_retain_examples must be >= 1, got {self.max_retain_examples}")
+        _check_int("rearrangement_rounds", self.rearrangement_rounds, minimum=0)
+        _check_choice("base_model_check", self.base_model_check, BASE_CHECKS)
+        if self.selection is not None and not isinstance(self.selection, dict):
+            raise ValueError(f"selection must be a dict of heads/filters per layer or None, got {self.selection!r}")
+        if self.base_fingerprint is not None and not isinstance(self.base_fingerprint, dict):
+            raise ValueError(f"base_fingerprint must be a dict or None, got {self.base_fingerprint!r}")
+        if self.weights_digest is not None and not isinstance(self.weights_digest, str):
+            raise ValueError(f"weights_digest must be a string or None, got {self.weights_digest!r}")
+        _check_int("max_retain_examples", self.max_retain_examples, minimum=1)
 
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

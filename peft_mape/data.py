@@ -28,9 +28,7 @@ FORWARD_ALIASES = {"input_ids", "attention_mask", "token_type_ids", "position_id
 
 def forward_arguments(model: torch.nn.Module) -> set[str]:
     """Names the (base) model's forward accepts, to drop dataset columns such as ``text``."""
-    base = model
-    while hasattr(base, "get_base_model"):
-        base = base.get_base_model()
+    base = _base_model(model)
     try:
         params = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
@@ -105,7 +103,55 @@ def _split_batch(batch: dict, allowed: set[str]) -> list[Example]:
     return [{k: v[i] for k, v in tensors.items()} for i in range(size)]
 
 
-def validate_examples(examples: Sequence[Example], what: str, needs_labels: bool) -> None:
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def value_ranges(model: torch.nn.Module) -> dict[str, tuple[int, int, str]]:
+    """Field -> (lowest, highest, what the range is) of the integer inputs ``model`` can take:
+    token ids within its vocabulary, class labels within its classifier's labels."""
+    base = _base_model(model)
+    ranges = {}
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(getattr(base, "config", None), "vocab_size", None)
+    if vocab:
+        ranges["input_ids"] = (0, int(vocab) - 1, f"the vocabulary (vocab size {vocab})")
+        ranges["token labels"] = (0, int(vocab) - 1, f"the vocabulary (vocab size {vocab}) or -100 (ignored)")
+    config = getattr(base, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    if num_labels and num_labels > 1 and getattr(config, "problem_type", None) != "multi_label_classification":
+        ranges["class labels"] = (0, int(num_labels) - 1, f"the classifier's labels (num_labels={num_labels})")
+    return ranges
+
+
+def check_value_ranges(examples: Sequence[Example], what: str, model: torch.nn.Module) -> None:
+    """A clear error naming the example, the field, the value and the allowed range, instead of an
+    ``IndexError`` from inside the forward pass."""
+    ranges = value_ranges(model)
+    for position, example in enumerate(examples):
+        for key, value in example.items():
+            if key == "input_ids":
+                kind = "input_ids"
+            elif key == "labels" and value.dim() == 0:
+                kind = "class labels"
+            elif key == "labels":
+                kind = "token labels"
+            else:
+                continue
+            if kind not in ranges or value.dtype.is_floating_point or value.numel() == 0:
+                continue
+            low, high, meaning = ranges[kind]
+            values = value[value != -100] if kind == "token labels" else value
+            bad = values[(values < low) | (values > high)]
+            if bad.numel():
+                raise ValueError(f"{what} example {position}: {key} value {int(bad.reshape(-1)[0])} is outside "
+                                 f"{meaning}: allowed {low}..{high}")
+
+
+def validate_examples(examples: Sequence[Example], what: str, needs_labels: bool,
+                      model: Optional[torch.nn.Module] = None) -> None:
     if len(examples) == 0:
         raise ValueError(f"the {what} set is empty: unlearning needs at least one {what} example")
     keys = set(examples[0])
@@ -119,6 +165,8 @@ def validate_examples(examples: Sequence[Example], what: str, needs_labels: bool
             f"{what} examples yield no loss: they have no 'labels' field (found {sorted(keys)}); "
             "add labels or pass loss_fn=..."
         )
+    if model is not None:
+        check_value_ranges(examples, what, model)
 
 
 def fingerprint(example: Example) -> str:

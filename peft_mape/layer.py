@@ -256,11 +256,16 @@ class MAPELayer(nn.Module, BaseTunerLayer):
             if name not in self.mape_delta:
                 continue
             if safe_merge:
-                before = self.get_base_layer().weight.data.clone()
+                # Weight and bias are written together, so both are checked and both restored.
+                base = self.get_base_layer()
+                touched = [t for t in (base.weight, base.bias) if t is not None]
+                before = [t.data.clone() for t in touched]
                 self._weight_delta(name, 1.0)
-                if not torch.isfinite(self.get_base_layer().weight).all():
-                    self.get_base_layer().weight.data.copy_(before)
-                    raise ValueError(f"NaNs detected in the merged weights; adapter {name} seems broken")
+                if not all(torch.isfinite(t).all() for t in touched):
+                    for tensor, saved in zip(touched, before):
+                        tensor.data.copy_(saved)
+                    raise ValueError(f"NaNs detected in the merged weights or bias; adapter {name} seems broken "
+                                     "(the base layer was left unchanged)")
             else:
                 self._weight_delta(name, 1.0)
             self.merged_adapters.append(name)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable, Iterator
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .architectures import Architecture, owned_indices, resolve_architecture
+from .integrity import base_weights_fingerprint, check_base_weights, tensors_digest
 from .layer import MAPELayer
 from .registration import MAPE_PREFIX
 
@@ -53,6 +56,117 @@ class MAPEModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # A loaded adapter records the base weights it was computed on: check them now, before
+        # its deltas are used on another model (see :func:`peft_mape.integrity.check_base_weights`).
+        config = self.peft_config.get(adapter_name)
+        if config is not None and config.selection and config.base_fingerprint:
+            try:
+                check_base_weights(self, adapter_name, config.base_model_check)
+            except BaseException:
+                self._discard_adapter_storage(adapter_name)  # PEFT drops the config of a failed add
+                raise
+
+    def _discard_adapter_storage(self, adapter_name: str) -> None:
+        for _, layer in self.mape_layers():
+            layer.remove_adapter_storage(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete ``adapter_name``; the same remaining adapter(s) become active on every layer.
+
+        PEFT lets each layer pick a new active adapter among the ones it stores, but a MAPE layer
+        stores nothing for an adapter that does not touch it (an empty adapter, ``update_scope=
+        "output_side"``, another request's selection): the choice is made here, once, for all.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter '{adapter_name}' does not exist; known: {sorted(self.peft_config)}")
+        was_active = adapter_name in self.active_adapters
+        still_active = [a for a in self.active_adapters if a != adapter_name]
+        remaining = [a for a in self.peft_config if a != adapter_name]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            super().delete_adapter(adapter_name)
+        new_active = still_active or remaining[:1]
+        if was_active and not still_active and new_active:
+            warnings.warn(f"adapter '{adapter_name}' was active and is now deleted; active adapter: '{new_active[0]}'",
+                          UserWarning, stacklevel=2)
+        if new_active:
+            self.set_adapter(new_active)
+        else:
+            self.active_adapter = []
+        log = getattr(self, "_mape_request_log", None)
+        if log is not None:
+            log.records = [r for r in log.records if r.name != adapter_name]
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for MAPE adapters: each request's deltas live on its own "
+            "selection of units. Activate several requests together instead (their deltas add): "
+            "model.base_model.set_adapter(['request-1', 'request-2']), then merge_and_unload() if one model is needed"
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check a loaded adapter state dict against the adapter config before PEFT loads it.
+
+        PEFT loads non-strictly, so a missing delta would stay zero and a saved index would
+        silently replace the one the config's selection gives: both are errors here, as are
+        tensors of the wrong shape or dtype, non-finite deltas, and weights whose digest differs
+        from the one recorded in ``adapter_config.json`` when the adapter was saved.
+        """
+        try:
+            return cls._checked_state_dict(model, config, adapter_name, state_dict)
+        except ValueError:
+            # A failed load leaves the adapter's zero deltas behind: drop them (and the adapter,
+            # when another one remains) so the model is as it was before the load.
+            tuner = getattr(model, "base_model", None)
+            if not isinstance(tuner, MAPEModel):
+                raise
+            if len(tuner.peft_config) > 1 and adapter_name in tuner.peft_config:
+                tuner.delete_adapter(adapter_name)
+            else:
+                tuner._discard_adapter_storage(adapter_name)
+            raise
+
+    @classmethod
+    def _checked_state_dict(cls, model, config, adapter_name, state_dict):
+        if config.weights_digest is not None:
+            digest = tensors_digest(state_dict)
+            recorded, config.weights_digest = config.weights_digest, None  # the digest describes that file only
+            if digest != recorded:
+                raise ValueError(
+                    f"adapter '{adapter_name}': the weights file does not match adapter_config.json (weights digest "
+                    f"{digest[:12]}..., recorded {str(recorded)[:12]}...): the file is corrupt or from another save"
+                )
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = {k: v for k, v in model.state_dict().items()
+                    if k.endswith(f".{adapter_name}") and f".{MAPE_PREFIX}" in k}
+        loaded = {k: v for k, v in remapped.items() if f".{MAPE_PREFIX}" in k}
+        missing = sorted(set(expected) - set(loaded))
+        unexpected = sorted(set(loaded) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter '{adapter_name}': the saved tensors do not match the config's selection "
+                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+            )
+        for key, value in loaded.items():
+            want = expected[key]
+            if value.shape != want.shape:
+                raise ValueError(f"adapter '{adapter_name}': {key} has shape {tuple(value.shape)}, the config's "
+                                 f"selection gives {tuple(want.shape)}")
+            if ".mape_index." in key:
+                if value.dtype.is_floating_point or not torch.equal(value.to(want.device, want.dtype), want):
+                    raise ValueError(
+                        f"adapter '{adapter_name}': the saved indices of {key.rsplit('.mape_index', 1)[0]} differ from "
+                        f"the ones the config's selection gives: adapter_config.json and the weights disagree"
+                    )
+            elif not value.dtype.is_floating_point or not torch.isfinite(value).all():
+                raise ValueError(f"adapter '{adapter_name}': {key} is not a finite floating-point tensor "
+                                 f"(dtype {value.dtype})")
+        return remapped
+
     def mape_layers(self) -> Iterator[tuple[str, MAPELayer]]:
         for name, module in self.model.named_modules():
             if isinstance(module, MAPELayer):
@@ -67,6 +181,8 @@ class MAPEModel(BaseTuner):
             layer.update_layer(adapter_name, index.get(name))
             for param in layer.adapter_parameters(adapter_name):
                 param.requires_grad_(adapter_name in self.active_adapters)
+        # The deltas are computed for these base weights; loading checks them (see inject_adapter).
+        config.base_fingerprint = base_weights_fingerprint(self, adapter_name) if selection else None
 
     @contextlib.contextmanager
     def muted(self, adapter_names: Iterable[str]):

@@ -158,10 +158,10 @@ def prepare_examples(tuner, config, forget, retain, *, loss_fn=None, seed: int =
     allowed = forward_arguments(tuner.model)
     forget_examples = materialise(forget, allowed, what="forget") if forget is not None else []
     if forget is not None:
-        validate_examples(forget_examples, "forget", needs_labels=loss_fn is None)
+        validate_examples(forget_examples, "forget", needs_labels=loss_fn is None, model=tuner.model)
     retain_examples = materialise(retain, allowed, limit=int(config.max_retain_examples), seed=seed, what="retain")
     if retain_examples:
-        validate_examples(retain_examples, "retain", needs_labels=loss_fn is None)
+        validate_examples(retain_examples, "retain", needs_labels=loss_fn is None, model=tuner.model)
         exclude = set(exclude)
         if exclude:
             before = len(retain_examples)
@@ -210,7 +210,7 @@ def _run(tuner, name, config, forget, retain, method, timings, clock, *, num_tra
     if method not in CLOSED_FORM_METHODS and target is None and holdout is not None:
         holdout_examples = materialise(holdout, forward_arguments(model), limit=int(config.max_retain_examples),
                                        seed=seed, what="holdout")
-        validate_examples(holdout_examples, "holdout", needs_labels=loss_fn is None)
+        validate_examples(holdout_examples, "holdout", needs_labels=loss_fn is None, model=model)
         target = mean_loss(model, make_eval_loader(holdout_examples, eval_batch_size, pad), loss_fn, device=device)
     forget_now = forget_loss_before
     if target is not None and forget_now is None:

@@ -110,7 +110,7 @@ def relearning_attack(model, forget, *, steps: int = 5, lr: float = 1e-4, batch_
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = device or next(model.parameters()).device
     examples = materialise(forget, forward_arguments(model), what="forget")
-    validate_examples(examples, "forget", needs_labels=loss_fn is None)
+    validate_examples(examples, "forget", needs_labels=loss_fn is None, model=model)
     attack, heldout = split_forget_set(examples, seed)
     pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     loaders = {"heldout": make_loader(heldout, batch_size, pad), "all": make_loader(examples, batch_size, pad)}
