@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .architectures import unit_param_counts
+from .architectures import selected_units, unit_param_counts
 from .data import (
     MIN_EVAL_BATCH_SIZE, drop_overlap, fingerprint, forward_arguments, make_eval_loader, make_loader, materialise,
     validate_examples,
@@ -371,8 +371,8 @@ def fixed_selection(arch, selection, *, config=None, unit_params=None, seed: int
     elif isinstance(selection, dict):
         masks = {k: torch.zeros(s, dtype=torch.bool) for k, s in shapes.items()}
         for kind in masks:
-            for layer, indices in (selection.get(kind) or {}).items():
-                masks[kind][int(layer), list(indices)] = True
+            for layer, indices in selected_units(selection, kind, *shapes[kind]).items():
+                masks[kind][layer, indices] = True
     else:
         raise ValueError(f"selection must be 'all', 'random' or a dict of heads/filters per layer, got {selection!r}")
     return SearchResult(masks=masks, scores={})
