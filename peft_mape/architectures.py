@@ -160,9 +160,10 @@ def resolve_architecture(model: nn.Module, peft_config) -> Architecture:
     o_in, _ = projection_features(named[blocks[0].o_proj])
     down_in, _ = projection_features(named[blocks[0].down_proj])
     if o_in % num_heads:
-        raise ValueError(f"output projection input size {o_in} is not divisible by {num_heads} heads")
+        raise ValueError(f"num_attention_heads={num_heads} does not divide the output projection's input size {o_in}")
     if num_heads % num_kv:
-        raise ValueError(f"{num_heads} query heads cannot be grouped over {num_kv} key/value heads")
+        raise ValueError(f"num_attention_heads={num_heads} query heads cannot be grouped over "
+                         f"num_key_value_heads={num_kv}")
     return Architecture(model_type, tuple(blocks), num_heads, int(num_kv), o_in // num_heads, down_in)
 
 

@@ -50,6 +50,7 @@ class MAPELayer(nn.Module, BaseTunerLayer):
         self.mape_bias = nn.ParameterDict()
         self.mape_index = BufferDict(persistent=True)
         self.merged_adapters: list[str] = []
+        self._merge_backups: list = []  # per merged adapter, the base slices it overwrote (see merge)
         self._disable_adapters = False
         self._gate: Optional[torch.Tensor] = None
         # adapter -> [(input the delta multiplies, update)] while per-example gradients are formed.
@@ -251,30 +252,46 @@ class MAPELayer(nn.Module, BaseTunerLayer):
             bias = self.mape_bias[adapter_name].detach() * sign
             base.bias.data.index_add_(0, index, bias.to(base.bias.dtype))
 
+    def _owned_base_slices(self, adapter_name: str) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """(tensor, axis, copy of the slices ``adapter_name`` owns) of the base weight and bias."""
+        base = self.get_base_layer()
+        index = self.mape_index[adapter_name]
+        axis = 0 if self.role == ROLE_ROWS else 1
+        if self.is_conv1d:
+            axis = 1 - axis
+        saved = [(base.weight.data, axis, base.weight.data.index_select(axis, index).clone())]
+        if adapter_name in self.mape_bias:
+            saved.append((base.bias.data, 0, base.bias.data.index_select(0, index).clone()))
+        return saved
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.mape_delta:
                 continue
-            if safe_merge:
-                # Weight and bias are written together, so both are checked and both restored.
-                base = self.get_base_layer()
-                touched = [t for t in (base.weight, base.bias) if t is not None]
-                before = [t.data.clone() for t in touched]
-                self._weight_delta(name, 1.0)
-                if not all(torch.isfinite(t).all() for t in touched):
-                    for tensor, saved in zip(touched, before):
-                        tensor.data.copy_(saved)
-                    raise ValueError(f"NaNs detected in the merged weights or bias; adapter {name} seems broken "
-                                     "(the base layer was left unchanged)")
-            else:
-                self._weight_delta(name, 1.0)
+            # The owned slices before the merge: unmerging restores them exactly (subtracting the
+            # delta again would leave float rounding in the base weights), and safe_merge puts
+            # them back when the merged weight or bias is not finite.
+            saved = self._owned_base_slices(name)
+            self._weight_delta(name, 1.0)
+            if safe_merge and not all(torch.isfinite(t.index_select(axis, self.mape_index[name])).all()
+                                      for t, axis, _ in saved):
+                self._restore_slices(name, saved)
+                raise ValueError(f"NaNs detected in the merged weights or bias; adapter {name} seems broken "
+                                 "(the base layer was left unchanged)")
+            self._merge_backups.append(saved)
             self.merged_adapters.append(name)
+
+    def _restore_slices(self, adapter_name: str, saved) -> None:
+        index = self.mape_index[adapter_name]
+        for tensor, axis, values in saved:
+            tensor.index_copy_(axis, index, values)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            saved = self._merge_backups.pop()
             if name in self.mape_delta:
-                self._weight_delta(name, -1.0)
+                self._restore_slices(name, saved)
 
     def __repr__(self) -> str:
         return "mape." + super().__repr__()
