@@ -13,11 +13,12 @@ from .registration import ensure_peft_type, register_mape
 from .report import UnlearnReport
 from .requests import RequestLog, load_requests
 from .saving import install_atomic_save
-from .unlearn import DEFAULT_METHOD, METHODS
+from . import methods
+from .unlearning import DEFAULT_METHOD, METHODS, unlearn
 
 register_mape(MAPEConfig, MAPEModel)
 install_atomic_save()
 
 __all__ = ["MAPEConfig", "MAPEModel", "MAPELayer", "UnlearnReport", "RequestLog", "load_requests", "METHODS",
-           "DEFAULT_METHOD", "ensure_peft_type"]
+           "DEFAULT_METHOD", "ensure_peft_type", "methods", "unlearn"]
 __version__ = "0.1.0"

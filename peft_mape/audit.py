@@ -17,13 +17,12 @@ differently are different examples to the model).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Optional, Union
 
-from .data import FORWARD_ALIASES, fingerprint, forward_arguments, materialise
+from .data import FORWARD_ALIASES, fingerprint, forward_arguments, materialise, set_fingerprint
 from .evaluation.suite import metric_gaps
 from .inspection import selection_summary
 from .report import UnlearnReport
@@ -44,7 +43,7 @@ def forget_set_fingerprint(examples) -> dict:
     if not hashes:
         raise ValueError("the forget set is empty: there is nothing to fingerprint")
     return {"algorithm": "sha256 of sorted per-example sha256 content hashes", "num_examples": len(hashes),
-            "fingerprint": hashlib.sha256("".join(hashes).encode()).hexdigest()}
+            "fingerprint": set_fingerprint(hashes)}
 
 
 def _versions() -> dict[str, str]:

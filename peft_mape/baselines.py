@@ -24,73 +24,43 @@ from typing import Optional
 import torch
 
 from .architectures import resolve_architecture
-from .data import (
-    MIN_EVAL_BATCH_SIZE, drop_overlap, forward_arguments, make_eval_loader, make_loader, materialise, per_example_losses,
-    to_device, validate_examples,
-)
-from .evaluation.relearning import Descent
-from .statistics import eval_mode
-from .updates import GradDiff, GradientAscent, UpdateLoss, mean_loss, optimise
+from .data import forward_arguments, make_loader, materialise, pad_token_id, per_example_losses, to_device, \
+    validate_examples
+from .modes import eval_mode
+from .unlearning.loop import Descent, LoopData, mean_loss, optimise
+from .unlearning.methods import LoopMethod, resolve_method
+from .unlearning.preparation import UnlearningData, holdout_target, prepare
+from .unlearning.unlearn import split_options
 
 SALIENCY_METHODS = ("ga", "graddiff")
 LORA_METHODS = ("ga", "graddiff")
-# Sparse / low-rank updates, like MAPE's selected units: the masked-update learning rate.
-DEFAULT_LR = 2e-4
-DEFAULT_MAX_STEPS = 100
-MAX_RETAIN_EXAMPLES = 1024  # as MAPEConfig.max_retain_examples: cost independent of |D_r|
-REPORT_RETAIN = 256
 
 
-@dataclass
-class _Data:
-    """Loaders shared by the baselines, built like ``unlearn()`` builds them."""
-
-    forget: torch.utils.data.DataLoader
-    forget_eval: torch.utils.data.DataLoader  # the forget set batched for no-grad loss passes
-    train: Optional[torch.utils.data.DataLoader]  # shuffled retain batches for the loop
-    report: Optional[torch.utils.data.DataLoader]  # fixed retain prefix for before/after losses
-    num_forget: int
-    num_retain: int
-    target: Optional[float]
-
-
-def _prepare(model, forget, retain, holdout, *, forget_loss_target, batch_size, seed, loss_fn, device,
-             max_retain_examples: int = MAX_RETAIN_EXAMPLES) -> _Data:
-    allowed = forward_arguments(model)
-    needs_labels = loss_fn is None
-    forget_examples = materialise(forget, allowed, what="forget")
-    validate_examples(forget_examples, "forget", needs_labels, model=model)
-    retain_examples = materialise(retain, allowed, limit=max_retain_examples, seed=seed, what="retain")
-    if retain_examples:
-        validate_examples(retain_examples, "retain", needs_labels, model=model)
-        retain_examples = drop_overlap(retain_examples, forget_examples)  # as unlearn() does, with a warning
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    eval_batch_size = max(batch_size, MIN_EVAL_BATCH_SIZE)  # as unlearn()'s default
-    target = forget_loss_target
-    if target is None and holdout is not None:
-        holdout_examples = materialise(holdout, allowed, limit=max_retain_examples, seed=seed, what="holdout")
-        validate_examples(holdout_examples, "holdout", needs_labels, model=model)
-        target = mean_loss(model, make_eval_loader(holdout_examples, eval_batch_size, pad), loss_fn, device=device)
-    return _Data(
-        forget=make_loader(forget_examples, batch_size, pad),
-        forget_eval=make_eval_loader(forget_examples, eval_batch_size, pad),
-        train=make_loader(retain_examples, batch_size, pad, shuffle=True, seed=seed) if retain_examples else None,
-        report=make_eval_loader(retain_examples[:REPORT_RETAIN], eval_batch_size, pad) if retain_examples else None,
-        num_forget=len(forget_examples), num_retain=len(retain_examples), target=target,
-    )
-
-
-def _update_loss(method: str, choices, retain_weight: float, data: _Data) -> UpdateLoss:
+def _baseline_setup(model, forget, retain, method: str, choices, holdout, forget_loss_target, options: dict):
+    """The loop method, the data (prepared exactly as ``unlearn()`` prepares it) and the stopping target."""
     if method not in choices:
         raise ValueError(f"unknown method {method!r} for this baseline; choose one of {list(choices)}")
-    if method == "graddiff" and data.train is None:
-        raise ValueError("method 'graddiff' needs a non-empty retain set")
-    return GradientAscent() if method == "ga" else GradDiff(retain_weight=retain_weight)
+    options = {"progress": False, **options}
+    run, method_options = split_options(method, options)
+    loop_method = resolve_method(method, method_options, method)
+    data = prepare(model, forget, retain, options=run)
+    if loop_method.needs_retain and data.train_loader is None:
+        raise ValueError(f"method '{method}' needs a non-empty retain set")
+    target = forget_loss_target
+    if target is None and holdout is not None:
+        target = holdout_target(data, holdout)
+    return loop_method, data, target
 
 
-def _losses(model, data: _Data, loss_fn, device) -> tuple[float, Optional[float]]:
-    forget = mean_loss(model, data.forget_eval, loss_fn, device=device)
-    retain = mean_loss(model, data.report, loss_fn, device=device) if data.report is not None else None
+def _hyperparameters(method: LoopMethod, data: UnlearningData) -> dict:
+    return {"seed": data.options.seed, "batch_size": data.batch_size, **method.options(),
+            "lr": method.step_size(False)}
+
+
+def _losses(model, data: UnlearningData) -> tuple[float, Optional[float]]:
+    forget = mean_loss(model, data.forget_eval_loader, data.loss_fn, device=data.device)
+    retain = mean_loss(model, data.report_loader, data.loss_fn, device=data.device) \
+        if data.report_loader is not None else None
     return forget, retain
 
 
@@ -164,28 +134,25 @@ def weight_saliency_mask(model, forget_loader, num_weights: int, *, candidates: 
 
 def salun_unlearn(model, forget, retain=None, *, num_weights: Optional[int] = None, density: Optional[float] = None,
                   method: str = "graddiff", candidates: str = "projections", holdout=None,
-                  forget_loss_target: Optional[float] = None, lr: float = DEFAULT_LR,
-                  max_steps: int = DEFAULT_MAX_STEPS, retain_weight: float = 1.0, batch_size: int = 16, seed: int = 0,
-                  loss_fn=None, device=None, progress: bool = False) -> dict:
+                  forget_loss_target: Optional[float] = None, **options) -> dict:
     """Weight-saliency unlearning: GA/GradDiff on the top-k salient weights only.
 
     The budget is ``num_weights`` (e.g. a MAPE report's ``trainable_parameters``, for equal
-    budgets) or ``density`` (a fraction of the candidate weights). This **modifies the model's
-    weights in place** (pass ``copy.deepcopy(model)`` to keep the original); if anything raises,
-    the selected weights are restored to their previous values. Gradients of unselected weights
-    are zeroed by hooks, and Adam (no weight decay) leaves weights with zero gradients exactly
-    unchanged, so only the selected weights move.
+    budgets) or ``density`` (a fraction of the candidate weights). ``options`` are those of the
+    loop method (``lr``, default 2e-4; ``max_steps``, ``retain_weight``, ...) and of the run
+    (``seed``, ``batch_size``, ``loss_fn``, ``progress``, default off), as for ``unlearn()``.
+    This **modifies the model's weights in place** (pass ``copy.deepcopy(model)`` to keep the
+    original); if anything raises, the selected weights are restored to their previous values.
+    Gradients of unselected weights are zeroed by hooks, and Adam (no weight decay) leaves
+    weights with zero gradients exactly unchanged, so only the selected weights move.
     """
     if (num_weights is None) == (density is None):
         raise ValueError("pass exactly one of num_weights= or density=")
-    device = _device(model, device)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-    data = _prepare(model, forget, retain, holdout, forget_loss_target=forget_loss_target, batch_size=batch_size,
-                    seed=seed, loss_fn=loss_fn, device=device)
-    update_loss = _update_loss(method, SALIENCY_METHODS, retain_weight, data)
-    forget_before, retain_before = _losses(model, data, loss_fn, device)
-    seconds["data"] = time.perf_counter() - clock
+    update_loss, data, target = _baseline_setup(model, forget, retain, method, SALIENCY_METHODS, holdout,
+                                                forget_loss_target, options)
+    forget_before, retain_before = _losses(model, data)
+    seconds = data.timer.seconds
+    seed, loss_fn, device = data.options.seed, data.loss_fn, data.device
 
     clock = time.perf_counter()
     if density is not None:
@@ -193,8 +160,8 @@ def salun_unlearn(model, forget, retain=None, *, num_weights: Optional[int] = No
             raise ValueError(f"density must be in (0, 1], got {density}")
         pool_size = sum(p.numel() for p in saliency_candidates(model, candidates).values())
         num_weights = max(1, round(density * pool_size))
-    masks = weight_saliency_mask(model, data.forget, int(num_weights), candidates=candidates, loss_fn=loss_fn,
-                                 device=device)
+    masks = weight_saliency_mask(model, data.forget_loader, int(num_weights), candidates=candidates,
+                                 loss_fn=loss_fn, device=device)
     seconds["saliency"] = time.perf_counter() - clock
 
     named = dict(model.named_parameters())
@@ -211,9 +178,8 @@ def salun_unlearn(model, forget, retain=None, *, num_weights: Optional[int] = No
             named[n].requires_grad_(True)
             hooks.append(named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)))
         torch.manual_seed(seed)
-        loop = optimise(model, [named[n] for n in selected], update_loss, data.forget, data.train, device=device,
-                        loss_fn=loss_fn, lr=lr, max_steps=max_steps, forget_loss_target=data.target,
-                        progress=progress, initial_forget_loss=forget_before, check_loader=data.forget_eval)
+        loop = optimise(model, [named[n] for n in selected], update_loss, data.loop_data(),
+                        lr=update_loss.step_size(False), target=target, initial_forget_loss=forget_before)
     except BaseException:
         with torch.no_grad():
             for n, m in selected.items():
@@ -227,21 +193,19 @@ def salun_unlearn(model, forget, retain=None, *, num_weights: Optional[int] = No
     seconds["update"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    forget_after, retain_after = _losses(model, data, loss_fn, device)
+    forget_after, retain_after = _losses(model, data)
     seconds["evaluation"] = time.perf_counter() - clock
     with torch.no_grad():
         update_norm = math.sqrt(sum(float((named[n][m] - originals[n]).double().pow(2).sum())
                                     for n, m in selected.items()))
     return {
-        "method": f"salun-{method}", "num_forget": data.num_forget, "num_retain": data.num_retain,
+        "method": f"salun-{method}", "num_forget": len(data.forget_examples), "num_retain": len(data.retain_examples),
         "trainable_parameters": int(num_weights), "candidates": candidates,
         "selected_per_parameter": {n: int(m.sum()) for n, m in selected.items()},
         "forget_loss_before": forget_before, "forget_loss_after": forget_after,
         "retain_loss_before": retain_before, "retain_loss_after": retain_after, "update_norm": update_norm,
-        "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": data.target,
-        "hyperparameters": {"lr": lr, "max_steps": max_steps, "batch_size": batch_size, "seed": seed,
-                            "retain_weight": retain_weight if method == "graddiff" else None},
-        "seconds": seconds,
+        "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": target,
+        "hyperparameters": _hyperparameters(update_loss, data), "seconds": seconds,
     }
 
 
@@ -260,25 +224,20 @@ def default_lora_config(model, r: int = 8):
 
 
 def lora_unlearn(model, forget, retain=None, *, method: str = "ga", lora_config=None, holdout=None,
-                 forget_loss_target: Optional[float] = None, lr: float = DEFAULT_LR,
-                 max_steps: int = DEFAULT_MAX_STEPS, retain_weight: float = 1.0, batch_size: int = 16, seed: int = 0,
-                 loss_fn=None, device=None, progress: bool = False):
+                 forget_loss_target: Optional[float] = None, **options):
     """LoRA-restricted unlearning: train a fresh LoRA adapter with the GA (or GradDiff) loss.
 
-    Returns ``(peft_model, report)``. ``model`` (a plain transformers model) is wrapped in place
-    by ``peft.get_peft_model``; ``peft_model.disable_adapter()`` gives the original outputs back,
-    ``peft_model.unload()`` the original modules. On failure the LoRA layers are unloaded again.
+    Returns ``(peft_model, report)``. ``options`` as for :func:`salun_unlearn`. ``model`` (a plain
+    transformers model) is wrapped in place by ``peft.get_peft_model``;
+    ``peft_model.disable_adapter()`` gives the original outputs back, ``peft_model.unload()`` the
+    original modules. On failure the LoRA layers are unloaded again.
     """
     from peft import get_peft_model
 
-    device = _device(model, device)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-    data = _prepare(model, forget, retain, holdout, forget_loss_target=forget_loss_target, batch_size=batch_size,
-                    seed=seed, loss_fn=loss_fn, device=device)
-    update_loss = _update_loss(method, LORA_METHODS, retain_weight, data)
-    forget_before, retain_before = _losses(model, data, loss_fn, device)
-    seconds["data"] = time.perf_counter() - clock
+    update_loss, data, target = _baseline_setup(model, forget, retain, method, LORA_METHODS, holdout,
+                                                forget_loss_target, options)
+    forget_before, retain_before = _losses(model, data)
+    seconds, seed = data.timer.seconds, data.options.seed
 
     config = lora_config or default_lora_config(model)
     torch.manual_seed(seed)  # LoRA A is randomly initialised
@@ -286,25 +245,22 @@ def lora_unlearn(model, forget, retain=None, *, method: str = "ga", lora_config=
     clock = time.perf_counter()
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        loop = optimise(peft_model, params, update_loss, data.forget, data.train, device=device, loss_fn=loss_fn,
-                        lr=lr, max_steps=max_steps, forget_loss_target=data.target, progress=progress,
-                        initial_forget_loss=forget_before, check_loader=data.forget_eval)
+        loop = optimise(peft_model, params, update_loss, data.loop_data(), lr=update_loss.step_size(False),
+                        target=target, initial_forget_loss=forget_before)
     except BaseException:
         peft_model.unload()
         raise
     seconds["update"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    forget_after, retain_after = _losses(peft_model, data, loss_fn, device)
+    forget_after, retain_after = _losses(peft_model, data)
     seconds["evaluation"] = time.perf_counter() - clock
     return peft_model, {
-        "method": f"lora-{method}", "num_forget": data.num_forget, "num_retain": data.num_retain,
+        "method": f"lora-{method}", "num_forget": len(data.forget_examples), "num_retain": len(data.retain_examples),
         "trainable_parameters": sum(p.numel() for p in params), "lora_rank": config.r,
         "forget_loss_before": forget_before, "forget_loss_after": forget_after,
         "retain_loss_before": retain_before, "retain_loss_after": retain_after,
-        "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": data.target,
-        "hyperparameters": {"lr": lr, "max_steps": max_steps, "batch_size": batch_size, "seed": seed,
-                            "retain_weight": retain_weight if method == "graddiff" else None},
-        "seconds": seconds,
+        "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": target,
+        "hyperparameters": _hyperparameters(update_loss, data), "seconds": seconds,
     }
 
 
@@ -312,7 +268,7 @@ def lora_unlearn(model, forget, retain=None, *, method: str = "ga", lora_config=
 
 
 def retrain(model, retain, *, epochs: int = 3, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
-            loss_fn=None, device=None, progress: bool = False) -> dict:
+            loss_fn=None, progress: bool = False) -> dict:
     """The gold standard: train ``model`` (the *initialisation* the original was fine-tuned from,
     e.g. the pretrained checkpoint) on the retain data only, in place.
 
@@ -323,18 +279,16 @@ def retrain(model, retain, *, epochs: int = 3, lr: float = 1e-4, batch_size: int
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    device = _device(model, device)
     examples = materialise(retain, forward_arguments(model), what="retain")
     validate_examples(examples, "retain", needs_labels=loss_fn is None, model=model)
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    loader = make_loader(examples, batch_size, pad, shuffle=True, seed=seed)
+    loader = make_loader(examples, batch_size, pad_token_id(model), shuffle=True, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("retrain: the model has no trainable parameters (requires_grad is False everywhere)")
     clock = time.perf_counter()
     torch.manual_seed(seed)
-    loop = optimise(model, params, Descent(), loader, device=device, loss_fn=loss_fn, lr=lr,
-                    max_steps=epochs * len(loader), progress=progress)
+    loop = optimise(model, params, Descent(max_steps=epochs * len(loader)), LoopData(
+        forget=loader, loss_fn=loss_fn, device=next(model.parameters()).device, progress=progress), lr=lr)
     return {"method": "retrain", "num_retain": len(examples), "steps": loop.steps,
             "trainable_parameters": sum(p.numel() for p in params),
             "hyperparameters": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed},

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .data import to_device
 from .lm_head import decoder_and_head, scored_token_log_probs, unwrap
-from .statistics import eval_mode
+from .modes import eval_mode
 
 TEMPLATES = ("plain", "chat")
 PLAIN_PROMPT = "Question: {question}\nAnswer:"

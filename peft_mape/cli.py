@@ -69,7 +69,7 @@ def _data_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import OBJECTIVE_CHOICES
-    from .unlearn import DEFAULT_METHOD, METHODS
+    from .unlearning import DEFAULT_METHOD, METHODS
 
     parser = _Parser(prog=PROG, description="Machine unlearning for HuggingFace models with MAPE-Unlearn "
                                             "(module-aware parameter-efficient unlearning).",
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate of loop methods (default: the method's)")
     p.add_argument("--max-steps", type=int, metavar="N", help="step budget of loop methods (default: 100)")
     p.add_argument("--forget-loss-target", type=float, metavar="LOSS", help="stop target instead of --holdout")
-    p.add_argument("--retain-weight", type=float, default=1.0, metavar="W",
-                   help="weight of the retain loss (default: %(default)s)")
+    p.add_argument("--retain-weight", type=float, metavar="W",
+                   help="weight of the retain loss of graddiff / npo (default: the method's, 1.0)")
     p.add_argument("--npo-beta", type=float, metavar="BETA", help="NPO's beta (default: the library's, 0.1)")
     p.add_argument("--kl-weight", type=float, metavar="W",
                    help="weight of a KL-to-original retain term (default: none)")
@@ -257,9 +257,10 @@ def cmd_unlearn(args) -> int:
     peft_model = get_peft_model(model, config)
     before = _metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
         if args.test else None
+    # Options the user gave; one the chosen method does not have is an error naming its options.
     optional = {"lr": args.lr, "max_steps": args.max_steps, "forget_loss_target": args.forget_loss_target,
-                "num_train_examples": args.num_train_examples, "npo_beta": args.npo_beta,
-                "kl_weight": args.kl_weight, "objective": args.objective}
+                "num_train_examples": args.num_train_examples, "beta": args.npo_beta,
+                "retain_weight": args.retain_weight, "kl_weight": args.kl_weight, "objective": args.objective}
     with warnings.catch_warnings():
         # unlearn() records its warnings in the report; they are printed below as notes, once
         warnings.simplefilter("ignore", UserWarning)
@@ -267,7 +268,7 @@ def cmd_unlearn(args) -> int:
             data["forget"][0], data["retain"][0] if args.retain else None, method=args.method,
             holdout=data["holdout"][0] if args.holdout else None,
             selection=None if args.selection == "search" else args.selection, batch_size=args.batch_size,
-            retain_weight=args.retain_weight, seed=args.seed, progress=progress,
+            seed=args.seed, progress=progress,
             **{k: v for k, v in optional.items() if v is not None},
         )
     after = _metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \

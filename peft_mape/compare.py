@@ -36,7 +36,7 @@ class MethodRun:
 
 def method_names() -> list[str]:
     """Every name :func:`run_method` accepts."""
-    from .unlearn import METHODS
+    from .unlearning import METHODS
 
     names = [f"{family}-{rule}" for family in SELECTIONS for rule in METHODS]
     names += [f"salun-{rule}" for rule in baselines.SALIENCY_METHODS]

@@ -183,6 +183,11 @@ def fingerprint(example: Example) -> str:
     return digest.hexdigest()
 
 
+def set_fingerprint(example_fingerprints) -> str:
+    """SHA-256 of the sorted per-example fingerprints: identifies a set of examples, reveals nothing."""
+    return hashlib.sha256("".join(sorted(example_fingerprints)).encode()).hexdigest()
+
+
 def drop_overlap(retain: list[Example], forget: list[Example]) -> list[Example]:
     """Remove from ``retain`` the examples identical to a forget example, with a warning."""
     forget_prints = {fingerprint(e) for e in forget}
@@ -239,6 +244,11 @@ def make_eval_loader(examples: list[Example], batch_size: int, pad_token_id: int
         return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and ids.dim() > 0 else 0
 
     return make_loader(sorted(examples, key=length), batch_size, pad_token_id)
+
+
+def pad_token_id(model: torch.nn.Module) -> int:
+    """The id that pads ``input_ids`` for ``model`` (its config's pad token, else 0)."""
+    return getattr(getattr(model, "config", None), "pad_token_id", None) or 0
 
 
 def to_device(batch: dict, device) -> dict:

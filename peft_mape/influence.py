@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .data import per_example_losses, to_device
-from .statistics import eval_mode
+from .modes import eval_mode
 
 SOLVERS = ("cg", "adam")
 Vector = list[torch.Tensor]

@@ -28,7 +28,12 @@ class MAPEModel(BaseTuner):
     prefix: str = MAPE_PREFIX
     tuner_layer_cls = MAPELayer
     target_module_mapping: dict = {}
-    retain_statistics = None  # set by precompute_retain_statistics()
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from .requests import RequestState
+
+        self.requests = RequestState()  # successive requests: their log and cached retain statistics
 
     def architecture(self, adapter_name: str | None = None) -> Architecture:
         """The resolved unit structure, using the adapter config's overrides."""
@@ -95,9 +100,7 @@ class MAPEModel(BaseTuner):
             self.set_adapter(new_active)
         else:
             self.active_adapter = []
-        log = getattr(self, "_mape_request_log", None)
-        if log is not None:
-            log.records = [r for r in log.records if r.name != adapter_name]
+        self.requests.forget(adapter_name)
 
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError(
@@ -215,11 +218,13 @@ class MAPEModel(BaseTuner):
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [p for _, layer in self.mape_layers() for p in layer.adapter_parameters(adapter_name)]
 
-    def unlearn(self, forget, retain=None, method: str | None = None, **kwargs):
-        """Erase the influence of ``forget`` into the active adapter; see :func:`peft_mape.unlearn.unlearn`."""
-        from .unlearn import unlearn
+    def unlearn(self, forget, retain=None, method=None, *, holdout=None, forget_loss_target=None, selection=None,
+                adapter_name=None, forget_loss_before=None, **options):
+        from .unlearning.unlearn import unlearn
 
-        return unlearn(self, forget, retain=retain, method=method, **kwargs)
+        return unlearn(self, forget, retain, method, holdout=holdout, forget_loss_target=forget_loss_target,
+                       selection=selection, adapter_name=adapter_name, forget_loss_before=forget_loss_before,
+                       **options)
 
     def unlearn_request(self, forget, retain=None, **kwargs):
         """One of successive requests, into its own new adapter; see :func:`peft_mape.requests.unlearn_request`."""
@@ -236,6 +241,17 @@ class MAPEModel(BaseTuner):
     @property
     def request_log(self):
         """The :class:`peft_mape.requests.RequestLog` of this model's erasure requests."""
-        from .requests import request_log
+        return self.requests.log
 
-        return request_log(self)
+    @property
+    def retain_statistics(self):
+        """Retain statistics cached by :meth:`precompute_retain_statistics` (memory-aided requests)."""
+        return self.requests.retain_statistics
+
+def _unlearn_doc() -> str:
+    from .unlearning.unlearn import unlearn
+
+    return unlearn.__doc__
+
+
+MAPEModel.unlearn.__doc__ = _unlearn_doc()

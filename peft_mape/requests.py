@@ -12,25 +12,29 @@ Two modes:
 Either way the finished request stays active alongside the earlier ones, the retain set of
 later requests leaves out every removed example, and the :class:`RequestLog` records what each
 request did (hashes of the removed examples, never their contents). ``save_pretrained`` writes
-the log (``requests.json``) and cached statistics (``retain_statistics.safetensors``) next to
-the adapters; :func:`load_requests` restores them.
+the :class:`RequestState` (``requests.json`` and ``retain_statistics.safetensors``) next to the
+adapters; :func:`load_requests` restores them.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 
-from .data import fingerprint, make_loader
+from .data import fingerprint, set_fingerprint
 from .report import UnlearnReport
 from .saving import atomic_write
 from .statistics import RetainStatistics, mask_gradients
+from .unlearning.methods import DEFAULT_METHOD, LoopMethod, resolve_method
+from .unlearning.phases import request_scope
+from .unlearning.preparation import RunOptions, holdout_target, prepare
+from .unlearning.unlearn import split_options, unlearn_prepared
 
 MODES = ("memory_free", "memory_aided")
 LOG_FILE = "requests.json"
@@ -85,11 +89,33 @@ class RequestLog:
         return cls([RequestRecord(**r) for r in payload["requests"]])
 
 
-def request_log(tuner) -> RequestLog:
-    """The tuner's request log (created empty on first use)."""
-    if getattr(tuner, "_mape_request_log", None) is None:
-        tuner._mape_request_log = RequestLog()
-    return tuner._mape_request_log
+class RequestState:
+    """What successive requests keep between calls: the :class:`RequestLog` and the retain-side
+    mask statistics cached at the original weights (memory-aided mode). One per tuner
+    (``MAPEModel.requests``); saved beside the adapters and loaded back with them."""
+
+    def __init__(self, log: Optional[RequestLog] = None, retain_statistics: Optional[RetainStatistics] = None):
+        self.log = log if log is not None else RequestLog()
+        self.retain_statistics = retain_statistics
+
+    def save(self, directory) -> None:
+        """Write ``requests.json`` (when a request was logged) and the cached statistics into ``directory``."""
+        if self.log:
+            self.log.save(Path(directory) / LOG_FILE)
+        if self.retain_statistics is not None:
+            self.retain_statistics.save(Path(directory) / STATISTICS_FILE)
+
+    @classmethod
+    def load(cls, directory) -> "RequestState":
+        directory = Path(directory)
+        log = RequestLog.load(directory / LOG_FILE) if (directory / LOG_FILE).exists() else RequestLog()
+        statistics = RetainStatistics.load(directory / STATISTICS_FILE) if (directory / STATISTICS_FILE).exists() \
+            else None
+        return cls(log, statistics)
+
+    def forget(self, adapter_name: str) -> None:
+        """Drop the record of a deleted request adapter."""
+        self.log.records = [r for r in self.log.records if r.name != adapter_name]
 
 
 def precompute_retain_statistics(tuner, retain, *, loss_fn=None, batch_size: int = 16, seed: int = 0,
@@ -99,45 +125,43 @@ def precompute_retain_statistics(tuner, retain, *, loss_fn=None, batch_size: int
     The sample is the one ``unlearn()`` would draw (``max_retain_examples``, ``seed``). Later
     memory-aided requests reuse it, dropping the rows of removed examples.
     """
-    from .unlearn import prepare_examples
-
     name = adapter_name or tuner.active_adapters[0]
-    config = tuner.peft_config[name]
-    _, examples = prepare_examples(tuner, config, None, retain, loss_fn=loss_fn, seed=seed)
-    if not examples:
+    options = RunOptions(seed=seed, batch_size=batch_size, loss_fn=loss_fn, progress=progress)
+    data = prepare(tuner.model, None, retain, options=options,
+                   max_retain_examples=tuner.peft_config[name].max_retain_examples)
+    if not data.retain_examples:
         raise ValueError("the retain set is empty: there is nothing to precompute statistics on")
-    pad = getattr(getattr(tuner.model, "config", None), "pad_token_id", None) or 0
-    device = next(tuner.model.parameters()).device
     with tuner.muted(tuner.peft_config.keys()):
-        grads = mask_gradients(tuner, make_loader(examples, batch_size, pad), loss_fn, device=device,
+        grads = mask_gradients(tuner, data.retain_loader, loss_fn, device=data.device,
                                desc="retain statistics (cached)", progress=progress)
-    stats = RetainStatistics(grads.per_example, grads.losses, [fingerprint(e) for e in examples])
-    tuner.retain_statistics = stats
+    stats = RetainStatistics(grads.per_example, grads.losses, [fingerprint(e) for e in data.retain_examples])
+    tuner.requests.retain_statistics = stats
     return stats
 
 
 def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, mode: str = "memory_free",
-                    config=None, **unlearn_kwargs) -> UnlearnReport:
+                    config=None, **unlearn_options) -> UnlearnReport:
     """Run one erasure request into a new adapter ``name`` (default ``request-<k>``) and log it.
 
     ``config`` defaults to a copy of the active adapter's config without its selection;
-    ``unlearn_kwargs`` go to :func:`peft_mape.unlearn.unlearn`.
+    ``unlearn_options`` are :func:`peft_mape.unlearning.unlearn`'s (method, its options, run options).
     """
-    from .unlearn import unlearn
-
     if mode not in MODES:
         raise ValueError(f"unknown request mode {mode!r}; choose one of {list(MODES)}")
-    statistics = getattr(tuner, "retain_statistics", None)
-    if mode == "memory_aided" and statistics is None:
+    state = tuner.requests
+    if mode == "memory_aided" and state.retain_statistics is None:
         raise ValueError("memory-aided requests need cached retain statistics: call "
                          "model.precompute_retain_statistics(retain) once before the first request")
-    log = request_log(tuner)
-    name = name or f"request-{len(log) + 1}"
+    method = unlearn_options.pop("method", None)
+    holdout = unlearn_options.pop("holdout", None)
+    target = unlearn_options.pop("forget_loss_target", None)
+    run, method_options = split_options(method, unlearn_options)
+    chosen = resolve_method(method, method_options, DEFAULT_METHOD)
+    name = name or f"request-{len(state.log) + 1}"
     if name in tuner.peft_config:
         raise ValueError(f"an adapter named '{name}' already exists; pass another name=")
     active_before = list(tuner.active_adapters)
-    template = tuner.peft_config[active_before[-1]]
-    config = copy.deepcopy(config if config is not None else template)
+    config = copy.deepcopy(config if config is not None else tuner.peft_config[active_before[-1]])
     config.selection = None
     config.base_fingerprint = None
     config.weights_digest = None
@@ -151,44 +175,31 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     for other in earlier:  # only the new request's deltas receive gradients
         for param in tuner.adapter_parameters(other):
             param.requires_grad_(False)
-    kwargs = dict(unlearn_kwargs)
-    kwargs.setdefault("exclude_from_retain", log.removed())
-    if mode == "memory_aided":
-        kwargs.setdefault("retain_statistics", statistics)
+    removed = state.log.removed()
+    statistics = state.retain_statistics.without(removed) if mode == "memory_aided" else None
+    overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
     try:
-        report = unlearn(tuner, forget, retain, adapter_name=name, **kwargs)
+        with request_scope(tuner, name, overrides, run.fold_other_adapters):
+            torch.manual_seed(run.seed)
+            data = prepare(tuner.model, forget, retain, options=run, exclude=removed,
+                           max_retain_examples=config.max_retain_examples)
+            if isinstance(chosen, LoopMethod) and target is None and holdout is not None:
+                target = holdout_target(data, holdout, config.max_retain_examples)
+            report = unlearn_prepared(tuner, name, chosen, data, target=target, retain_statistics=statistics)
     except BaseException:
         tuner.set_adapter(active_before)
         tuner.delete_adapter(name)
         raise
     tuner.set_adapter(earlier + [name])
-    hashes = _forget_hashes(tuner, forget, config, kwargs.get("loss_fn"))
-    log.records.append(RequestRecord(
+    hashes = sorted(fingerprint(e) for e in data.forget_examples)
+    state.log.records.append(RequestRecord(
         name=name, mode=mode, method=report.method, num_forget=report.num_forget,
-        forget_set_hash=hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest(),
-        removed_example_hashes=sorted(hashes), num_selected_heads=report.num_selected_heads,
-        num_selected_filters=report.num_selected_filters, trainable_parameters=report.trainable_parameters,
-        forget_loss_before=report.forget_loss_before, forget_loss_after=report.forget_loss_after,
-        seconds=sum(report.seconds.values()),
+        forget_set_hash=set_fingerprint(hashes), removed_example_hashes=hashes,
+        num_selected_heads=report.num_selected_heads, num_selected_filters=report.num_selected_filters,
+        trainable_parameters=report.trainable_parameters, forget_loss_before=report.forget_loss_before,
+        forget_loss_after=report.forget_loss_after, seconds=sum(report.seconds.values()),
     ))
     return report
-
-
-def _forget_hashes(tuner, forget, config, loss_fn) -> list[str]:
-    from .unlearn import prepare_examples
-
-    examples, _ = prepare_examples(tuner, config, forget, None, loss_fn=loss_fn)
-    return [fingerprint(e) for e in examples]
-
-
-def save_request_state(tuner, directory) -> None:
-    """Write the request log and cached retain statistics (if any) into ``directory``."""
-    log = getattr(tuner, "_mape_request_log", None)
-    if log:
-        log.save(Path(directory) / LOG_FILE)
-    statistics = getattr(tuner, "retain_statistics", None)
-    if statistics is not None:
-        statistics.save(Path(directory) / STATISTICS_FILE)
 
 
 def load_requests(model, directory, *, is_trainable: bool = False):
@@ -203,13 +214,12 @@ def load_requests(model, directory, *, is_trainable: bool = False):
     if not isinstance(model, PeftModel):
         model = PeftModel.from_pretrained(model, directory, is_trainable=is_trainable)
     tuner = model.base_model
-    log = RequestLog.load(directory / LOG_FILE) if (directory / LOG_FILE).exists() else RequestLog()
+    state = RequestState.load(directory)
+    log = state.log
     for record in log.records:
         if record.name not in tuner.peft_config:
             model.load_adapter(directory / record.name, adapter_name=record.name, is_trainable=is_trainable)
-    tuner._mape_request_log = log
-    if (directory / STATISTICS_FILE).exists():
-        tuner.retain_statistics = RetainStatistics.load(directory / STATISTICS_FILE)
+    tuner.requests = state
     if log.records:
         active = [a for a in tuner.active_adapters if a not in log.names()] + log.names()
         tuner.set_adapter(active, inference_mode=not is_trainable)

@@ -96,8 +96,6 @@ def _is_main_process(original, args, kwargs) -> bool:
 
 def save_mape_model(model, original, save_directory, *args, **kwargs) -> None:
     """``original(model, staging, ...)`` (PEFT's save) plus the request state, published file by file."""
-    from .requests import save_request_state
-
     if not _is_main_process(original, args, kwargs):
         # Other processes write nothing, but still run PEFT's save: gathering a sharded state
         # dict is collective.
@@ -114,7 +112,7 @@ def save_mape_model(model, original, save_directory, *args, **kwargs) -> None:
         original(model, str(staging), *args, **kwargs)
         for config_path in staging.rglob(CONFIG_FILE):
             record_weights_digest(config_path)
-        save_request_state(model.base_model, staging)
+        model.base_model.requests.save(staging)
         publish_files(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 
@@ -21,20 +20,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .data import per_example_losses, to_device
+from .modes import eval_mode
 from .saving import atomic_write
 
 UNIT_TYPES = ("heads", "filters")
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Dropout off while statistics and updates run; the previous mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from peft_mape.baselines import (
     lora_unlearn, retrain, salun_unlearn, saliency_candidates, weight_saliency_mask,
 )
 from peft_mape.data import make_loader
-from peft_mape.updates import mean_loss
+from peft_mape.unlearning.loop import mean_loss
 
 from conftest import tiny_examples, tiny_model
 

@@ -12,7 +12,7 @@ from peft import get_peft_model
 from peft_mape import MAPEConfig
 from peft_mape.data import make_loader, pad_collate, per_example_kl, per_example_losses
 from peft_mape.influence import hessian_vector_product, solve_damped_system
-from peft_mape.updates import NPO, GradientAscent, StepLosses
+from peft_mape.methods import NPO, GradientAscent, StepLosses
 
 from conftest import memorised_model, tiny_examples, tiny_model
 
@@ -52,15 +52,15 @@ LOOP = {"lr": 1e-2, "max_steps": 25}
 METHOD_CASES = {
     "ga": dict(method="ga", **LOOP),
     "graddiff": dict(method="graddiff", **LOOP),
-    "npo": dict(method="npo", npo_beta=0.5, **LOOP),
+    "npo": dict(method="npo", beta=0.5, **LOOP),
     "npo_no_retain": dict(method="npo", retain_weight=0.0, **LOOP),
     "graddiff_kl": dict(method="graddiff", kl_weight=1.0, **LOOP),
     "npo_kl": dict(method="npo", kl_weight=1.0, **LOOP),
     # The closed-form steps need strong damping on this tiny, sharply fitted model: at SPEC's
     # relative 1e-3 the diagonal Fisher is near zero and SO wrecks the retain set (README, Limitations).
-    "so": dict(method="so", num_train_examples=30, damping=1.0, so_scale=0.03),
-    "influence_cg": dict(method="influence", num_train_examples=10, hessian_damping=1.0, solver_steps=20),
-    "influence_adam": dict(method="influence", num_train_examples=10, hessian_damping=1.0, solver="adam",
+    "so": dict(method="so", num_train_examples=30, damping=1.0, scale=0.03),
+    "influence_cg": dict(method="influence", num_train_examples=10, damping=1.0, solver_steps=20),
+    "influence_adam": dict(method="influence", num_train_examples=10, damping=1.0, solver="adam",
                            solver_steps=60),
 }
 
@@ -124,10 +124,10 @@ def test_npo_starts_as_gradient_ascent_and_its_reference_is_the_model_without_th
     assert torch.equal(reference, original) and not torch.allclose(moved, original)
     # At the reference point NPO's gradient equals GA's (d/dl of the NPO loss is -1/n per example).
     losses = per_example_losses(model, batch, None)
-    npo = NPO(beta=0.3, retain_weight=0.0)(StepLosses(forget=losses, forget_reference=losses.detach()))
+    npo = NPO(beta=0.3, retain_weight=0.0).loss(StepLosses(forget=losses, forget_reference=losses.detach()))
     assert float(npo) == pytest.approx(2 / 0.3 * math.log(2), rel=1e-6)
     npo_grads = torch.autograd.grad(npo, params, retain_graph=True)
-    ga_grads = torch.autograd.grad(GradientAscent()(StepLosses(forget=losses)), params)
+    ga_grads = torch.autograd.grad(GradientAscent().loss(StepLosses(forget=losses)), params)
     for a, b in zip(npo_grads, ga_grads):
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="beta"):

@@ -22,7 +22,7 @@ from test_methods import _memorised_lm
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Deterministic closed-form updates make "equals a reference" an exact statement.
-SO = dict(method="so", damping=1.0, so_scale=0.03, num_train_examples=30, progress=False)
+SO = dict(method="so", damping=1.0, scale=0.03, num_train_examples=30, progress=False)
 
 
 @pytest.fixture(scope="module")

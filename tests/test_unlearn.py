@@ -62,7 +62,7 @@ def _memorised_model(kind="bert"):
 def test_methods_raise_forget_loss(method):
     model, forget, retain = _memorised_model()
     peft_model = get_peft_model(model, MAPEConfig(sparsity=0.5))
-    kwargs = {"num_train_examples": 30, "so_scale": 30.0} if method == "so" else {"max_steps": 30, "lr": 1e-2}
+    kwargs = {"num_train_examples": 30, "scale": 30.0} if method == "so" else {"max_steps": 30, "lr": 1e-2}
     report = peft_model.unlearn(forget, retain, method=method, progress=False, **kwargs)
     assert report.forget_loss_after > report.forget_loss_before + 0.05
     if method == "graddiff":
@@ -245,7 +245,7 @@ def test_eval_batch_size_changes_no_reported_number():
 def test_a_measured_forget_loss_before_skips_that_pass(monkeypatch):
     """Several methods from one original: the caller's measured loss is reported and no forget
     pass runs before the update (the after-pass still does)."""
-    import peft_mape.unlearn as module
+    import peft_mape.unlearning.preparation as module
 
     forget, retain = tiny_examples("llama", 5), tiny_examples("llama", 8, seed=4)
     selection = {"heads": {"0": [1]}, "filters": {"1": [2, 3]}}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from ..data import to_device
-from ..statistics import eval_mode
+from ..modes import eval_mode
 
 
 @dataclass

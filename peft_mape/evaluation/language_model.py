@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import to_device
-from ..statistics import eval_mode
+from ..modes import eval_mode
 
 
 def token_log_probs(model, loader, device=None, *, progress: bool = False,

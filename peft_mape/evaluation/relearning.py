@@ -7,7 +7,7 @@ the attacker never used. The attack fine-tunes for ``steps`` steps on one half o
 attack) and on the whole set. Compare the held-out half's recovery with the same attack on the
 retrained model: a model that truly forgot recovers no faster than one that never saw the data.
 
-The steps are the library's one optimisation loop (:func:`peft_mape.updates.optimise`) with a
+The steps are the library's one optimisation loop (:func:`peft_mape.unlearning.loop.optimise`) with a
 plain descent loss; the model's parameters are restored afterwards (unless ``restore=False``),
 so the evaluated model is left exactly as it was, also when the attack fails.
 """
@@ -21,20 +21,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..data import default_per_example_loss, forward_arguments, make_loader, materialise, to_device, validate_examples
-from ..statistics import eval_mode
-from ..updates import StepLosses, UpdateLoss, optimise
+from ..data import (
+    default_per_example_loss, forward_arguments, make_loader, materialise, pad_token_id, to_device, validate_examples,
+)
+from ..modes import eval_mode
+from ..modes import gradients_only_for
+from ..unlearning.loop import Descent, LoopData, optimise
 
 MetricFn = Callable[[torch.nn.Module, object], dict]
-
-
-class Descent(UpdateLoss):
-    """Plain descent on the loop's "forget" batches (the attacker's examples; retraining's data)."""
-
-    name = "descent"
-
-    def __call__(self, losses: StepLosses) -> torch.Tensor:
-        return losses.forget.mean()
 
 
 def forget_set_metrics(model, loader, loss_fn=None, *, device=None) -> dict[str, float]:
@@ -112,7 +106,7 @@ def relearning_attack(model, forget, *, steps: int = 5, lr: float = 1e-4, batch_
     examples = materialise(forget, forward_arguments(model), what="forget")
     validate_examples(examples, "forget", needs_labels=loss_fn is None, model=model)
     attack, heldout = split_forget_set(examples, seed)
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    pad = pad_token_id(model)
     loaders = {"heldout": make_loader(heldout, batch_size, pad), "all": make_loader(examples, batch_size, pad)}
     attack_loader = make_loader(attack, batch_size, pad, shuffle=True, seed=seed)
     evaluate = metrics or (lambda m, loader: forget_set_metrics(m, loader, loss_fn, device=device))
@@ -121,24 +115,18 @@ def relearning_attack(model, forget, *, steps: int = 5, lr: float = 1e-4, batch_
     tuned = [p for p in (params if params is not None else model.parameters()) if p.is_floating_point()]
     if not tuned:
         raise ValueError("the relearning attack has no floating-point parameters to tune")
-    all_params = list(model.parameters())
-    flags = [p.requires_grad for p in all_params]
-    tuned_ids = {id(p) for p in tuned}
     saved = [p.detach().clone() for p in tuned] if restore else None
     clock = time.perf_counter()
     try:
-        for p in all_params:  # gradients only where the attacker tunes
-            p.requires_grad_(id(p) in tuned_ids)
-        torch.manual_seed(seed)
-        loop = optimise(model, tuned, Descent(), attack_loader, device=device, loss_fn=loss_fn, lr=lr,
-                        max_steps=steps, progress=progress)
+        with gradients_only_for(model, tuned):  # gradients only where the attacker tunes
+            torch.manual_seed(seed)
+            loop = optimise(model, tuned, Descent(max_steps=steps), LoopData(
+                forget=attack_loader, loss_fn=loss_fn, device=device, progress=progress), lr=lr)
         after = {part: evaluate(model, loader) for part, loader in loaders.items()}
     finally:
-        with torch.no_grad():
-            if saved is not None:
+        if saved is not None:
+            with torch.no_grad():
                 for p, value in zip(tuned, saved):
                     p.copy_(value)
-            for p, flag in zip(all_params, flags):
-                p.requires_grad_(flag)
     return RelearningResult(steps=loop.steps, lr=lr, attack_examples=len(attack), heldout_examples=len(heldout),
                             before=before, after=after, seconds=time.perf_counter() - clock)

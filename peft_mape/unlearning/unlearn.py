@@ -1,0 +1,133 @@
+"""``unlearn()``: prepare -> statistics -> search -> apply selection -> update -> measure, with rollback."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..data import fingerprint
+from ..report import UnlearnReport
+from ..statistics import RetainStatistics
+from .methods import DEFAULT_METHOD, LoopMethod, option_names, resolve_method
+from .methods.base import METHODS
+from .phases import (
+    Measurements, UpdateOutcome, adapter_to_fill, apply_selection, build_report, fixed_selection, mask_search,
+    mask_statistics, measure, request_scope, update,
+)
+from .preparation import RUN_OPTION_NAMES, RunOptions, UnlearningData, holdout_target, prepare
+
+
+def split_options(method, options: dict) -> tuple[RunOptions, dict]:
+    """Keyword options of ``unlearn()``: the run's (:class:`RunOptions`) and the method's; anything
+    else is an error naming the method's options and the run options."""
+    run = {k: v for k, v in options.items() if k in RUN_OPTION_NAMES}
+    method_options = {k: v for k, v in options.items() if k not in RUN_OPTION_NAMES}
+    cls = METHODS.get(method) if isinstance(method, str) else type(method) if method is not None else None
+    if cls is not None:
+        unknown = sorted(set(method_options) - set(option_names(cls)))
+        if unknown:
+            raise ValueError(
+                f"method '{cls.name}' has no option {', '.join(map(repr, unknown))}; its options are: "
+                f"{', '.join(option_names(cls))}; options of every run: {', '.join(RUN_OPTION_NAMES)}"
+            )
+    return RunOptions(**run), method_options
+
+
+def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_loss_target: Optional[float] = None,
+            selection=None, adapter_name: Optional[str] = None, forget_loss_before: Optional[float] = None,
+            **options) -> UnlearnReport:
+    """Erase the influence of ``forget`` into one MAPE adapter and return a report.
+
+    Args:
+        forget: the examples to erase (``datasets.Dataset``, torch Dataset of model-ready dicts,
+            or a DataLoader of dict batches). For causal LMs, label prompt tokens -100 so the
+            loss covers the answer only (``peft_mape.causal_lm`` builds such examples).
+        retain: a sample of the remaining training data (capped at ``max_retain_examples``).
+        method: the update rule (SPEC §4): a name — "graddiff" (default), "ga", "npo", "so",
+            "influence" — or an instance of a :mod:`peft_mape.methods` class such as
+            ``NPO(beta=0.5, lr=1e-3)``, including your own subclass of ``LoopMethod`` /
+            ``ClosedFormMethod``.
+        holdout: data the model never trained on; loop methods stop once the mean forget loss
+            reaches the holdout's mean loss (the forget set then looks unseen).
+        forget_loss_target: an explicit stopping target instead of ``holdout``.
+        selection: skip the mask search and update these units: ``"all"`` (every head and filter:
+            the full-parameter baseline), ``"random"`` (random units at the same budget) or
+            ``{"heads": {layer: [...]}, "filters": {...}}``.
+        adapter_name: the (empty) adapter to fill; default the single active adapter.
+        forget_loss_before: the mean forget loss at the current weights when the caller has
+            already measured it (several methods run from one original): skips that pass.
+            Trusted as given; it is reported and is the first early-stopping check.
+        **options: the method's options (e.g. ``lr``, ``max_steps``, ``kl_weight``, ``beta``,
+            ``damping``: see ``peft_mape.methods``) and the run's (:class:`RunOptions`: ``seed``,
+            ``batch_size``, ``eval_batch_size``, ``loss_fn``, ``progress``,
+            ``fold_other_adapters``, and the search overrides ``sparsity``, ``units``,
+            ``objective``). An option the method does not have is an error.
+
+    On any exception the adapter is restored to its previous (empty) state; base weights and
+    other adapters are never written.
+    """
+    run, method_options = split_options(method, options)
+    chosen = resolve_method(method, method_options, DEFAULT_METHOD)
+    name = adapter_to_fill(tuner, adapter_name)
+    if forget_loss_before is not None and not math.isfinite(forget_loss_before):
+        raise ValueError(f"forget_loss_before must be a finite number, got {forget_loss_before}")
+    overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
+    with request_scope(tuner, name, overrides, run.fold_other_adapters) as config:
+        torch.manual_seed(run.seed)
+        data = prepare(tuner.model, forget, retain, options=run, max_retain_examples=config.max_retain_examples)
+        target = forget_loss_target
+        if isinstance(chosen, LoopMethod) and target is None and holdout is not None:
+            target = holdout_target(data, holdout, config.max_retain_examples)
+        return unlearn_prepared(tuner, name, chosen, data, target=target, selection=selection,
+                                forget_loss_before=forget_loss_before)
+
+
+def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, target: Optional[float] = None,
+                     selection=None, retain_statistics: Optional[RetainStatistics] = None,
+                     forget_loss_before: Optional[float] = None) -> UnlearnReport:
+    """The phases after prepare, inside a :func:`request_scope`: statistics and search (or a
+    given ``selection``, or cached ``retain_statistics`` at the original weights whose rows of
+    this request's forget examples are dropped), then the update and the measurements.
+
+    ``forget_loss_before``: the forget loss at the current weights when the caller has already
+    measured it (several methods from one original); trusted as given.
+    """
+    if method.needs_retain and not data.retain_examples:
+        hint = " (or pass retain_weight=0 for NPO without a retain term)" if method.name == "npo" else ""
+        raise ValueError(f"method '{method.name}' needs a non-empty retain set{hint}")
+    config = tuner.peft_config[adapter_name]
+    forget_before = forget_loss_before
+    if target is not None:
+        if forget_before is None:
+            with data.timer.phase("evaluation"):
+                forget_before = data.mean_loss(data.forget_eval_loader)
+        if forget_before >= target:
+            # The forget set already looks unseen (e.g. mislabelled examples the model never fit):
+            # there is nothing to undo, so no statistics, selection or update.
+            data.notes.append(f"forget loss {forget_before:.4f} already >= target {target:.4f}: no update")
+            losses = Measurements(forget_before, forget_before, target=target)
+            return build_report(tuner, adapter_name, method, data, result=None,
+                                outcome=UpdateOutcome(stopped_early=True), losses=losses)
+    retain_before = None
+    if selection is None:
+        if retain_statistics is not None:
+            retain_statistics = retain_statistics.without({fingerprint(e) for e in data.forget_examples})
+        statistics = mask_statistics(tuner, data, config.objective, retain_statistics)
+        result = mask_search(tuner, adapter_name, data, statistics)
+        forget_before = statistics.forget_loss if forget_before is None else forget_before
+        retain_before = statistics.retain_loss
+    else:
+        result = fixed_selection(tuner, adapter_name, selection, seed=data.options.seed)
+    with data.timer.phase("evaluation"):
+        if forget_before is None:
+            forget_before = data.mean_loss(data.forget_eval_loader)
+        if retain_before is None and data.report_loader is not None:
+            retain_before = data.mean_loss(data.report_loader)
+    apply_selection(tuner, adapter_name, result, data)
+    outcome = update(tuner, adapter_name, method, data, target=target, full_parameter=selection == "all",
+                     forget_loss_before=forget_before)
+    forget_after, retain_after = measure(data)
+    losses = Measurements(forget_before, forget_after, retain_before, retain_after, target)
+    return build_report(tuner, adapter_name, method, data, result=result, outcome=outcome, losses=losses)
