@@ -94,7 +94,11 @@ def _cache_key(tag: str, recipe: Recipe, dataset) -> str:
 
 def fine_tune(records: list[dict], tokenizer, recipe: Recipe, tag: str, *, use_cache: bool = True,
               progress: bool = True):
-    """Fine-tune SmolLM2 on ``records`` (cached); returns (model, metadata with the training seconds)."""
+    """Fine-tune SmolLM2 on ``records`` (cached); returns (model, metadata with the training seconds).
+
+    Plain fine-tuning (AdamW over whole epochs), not the library's unlearning loop (Adam on cycled
+    batches towards a stopping target): the cached originals fix this recipe.
+    """
     dataset = qa_dataset(tokenizer, records, recipe)
     cache = assets.cache_dir() / "tofu_mini" / f"{tag}-{_cache_key(tag, recipe, dataset)}"
     model = load_base_model()

@@ -218,10 +218,10 @@ def run_method(label, method, kwargs, *, shared_selection, forget_loss, forget_d
     if kwargs.get("selection") is None and shared_selection is not None:
         kwargs["selection"], reused = shared_selection
     if method == "npo":
-        kwargs.setdefault("npo_beta", NPO_SEQUENCE_BETA * mean_answer_tokens(forget_ds))
+        kwargs.setdefault("beta", NPO_SEQUENCE_BETA * mean_answer_tokens(forget_ds))
     if method == "influence":
         kwargs.update(hessian_examples=args.hessian_examples, solver_steps=args.solver_steps,
-                      hessian_damping=args.hessian_damping)
+                      damping=args.hessian_damping, num_train_examples=num_train)
     else:
         kwargs.update(max_steps=args.max_steps)
         if kwargs.get("selection") == "all":
@@ -229,8 +229,8 @@ def run_method(label, method, kwargs, *, shared_selection, forget_loss, forget_d
         if args.early_stop:
             kwargs["holdout"] = holdout_ds
     start = time.perf_counter()
-    report = model.unlearn(forget_ds, retain_ds, method=method, num_train_examples=num_train,
-                           batch_size=args.batch_size, seed=args.seed, progress=False, **kwargs)
+    report = model.unlearn(forget_ds, retain_ds, method=method, batch_size=args.batch_size, seed=args.seed,
+                           progress=False, **kwargs)
     seconds = time.perf_counter() - start
     # Evaluate the merged weights: identical outputs, without the deltas' extra matmuls.
     return model.merge_and_unload(), report, seconds, reused

@@ -58,7 +58,7 @@ METHODS = [
     ("MAPE-GA", "mape", {"method": "ga"}),
     ("MAPE-NPO", "mape", {"method": "npo"}),
     ("MAPE-SO", "mape", {"method": "so"}),
-    ("MAPE-influence", "mape", {"method": "influence", "hessian_damping": 1.0, "solver_steps": 5,
+    ("MAPE-influence", "mape", {"method": "influence", "damping": 1.0, "solver_steps": 5,
                                 "hessian_examples": 64}),
     ("random units (GradDiff)", "mape", {"selection": "random"}),
     ("SalUn saliency (GradDiff)", "salun", {"method": "graddiff"}),

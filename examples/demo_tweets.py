@@ -83,7 +83,11 @@ def prepare_data(args):
 
 
 def fine_tune(train, args, tag):
-    """Fine-tune MiniLM on ``train`` (embeddings frozen), cached on disk by content hash."""
+    """Fine-tune MiniLM on ``train`` (embeddings frozen), cached on disk by content hash.
+
+    Plain fine-tuning (train mode, AdamW, whole epochs), not the library's unlearning loop (eval
+    mode, Adam on cycled batches towards a stopping target): the cached originals fix this recipe.
+    """
     key = hashlib.sha256(json.dumps([tag, args.epochs, args.lr, args.seed, args.max_length,
                                      [list(r) for r in zip(train["input_ids"], train["labels"])]]).encode())
     cache = assets.cache_dir() / "demo_tweets" / key.hexdigest()[:16]

@@ -26,7 +26,7 @@ from .data import FORWARD_ALIASES, fingerprint, forward_arguments, materialise, 
 from .evaluation.suite import metric_gaps
 from .inspection import selection_summary
 from .report import UnlearnReport
-from .saving import atomic_write
+from .files import atomic_write, read_json
 
 AUDIT_FILE = "audit_report.json"
 SCHEMA = "peft-mape/audit-report/1"
@@ -135,6 +135,4 @@ def load_audit_report(directory) -> dict:
     path = Path(directory)
     if path.is_dir():
         path = path / AUDIT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no audit report at {path}")
-    return json.loads(path.read_text())
+    return read_json(path, f"no audit report at {path}")

@@ -191,7 +191,7 @@ def _pad_id(tokenizer) -> int:
 
 def answer_log_probs(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16,
                      max_length: Optional[int] = None, max_answer_tokens: Optional[int] = None,
-                     add_eos: bool = True, device=None, progress: bool = False,
+                     add_eos: bool = True, progress: bool = False,
                      desc: str = "answer log-probs") -> AnswerLogProbs:
     """Score each ``answers[i]`` after ``prompts[i]`` (formatted texts), without gradients, dropout off.
 
@@ -206,7 +206,7 @@ def answer_log_probs(model, tokenizer, prompts: Sequence[str], answers: Sequence
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = [encode_qa(tokenizer, p, a, max_length=max_length, max_answer_tokens=max_answer_tokens, add_eos=add_eos)
             for p, a in zip(prompts, answers)]
-    device = device or next(model.parameters()).device
+    device = next(model.parameters()).device
     counts = np.array([sum(1 for t in r["labels"] if t != -100) for r in rows])
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, r in enumerate(rows):

@@ -80,10 +80,23 @@ class InfluenceSolution:
     negative_curvature: bool = False
 
 
+@dataclass
+class SolverSettings:
+    """How :func:`solve_damped_system` solves: ``solver`` "cg" or "adam", ``steps`` (default 10
+    for CG, 100 for Adam), Adam's ``lr``, CG's relative-residual ``tolerance``."""
+
+    solver: str = "cg"
+    steps: Optional[int] = None
+    lr: float = 1e-2
+    tolerance: float = 1e-3
+
+
 def solve_damped_system(model, params: Sequence[torch.Tensor], rhs: Vector, hessian_loader, loss_fn=None, *,
-                        device, damping: float, solver: str = "cg", steps: Optional[int] = None,
-                        lr: float = 1e-2, tolerance: float = 1e-3, progress: bool = True) -> InfluenceSolution:
-    """Solve (H + damping I) x = rhs with Hessian-vector products over ``hessian_loader``."""
+                        device, damping: float, progress: bool = True, **settings) -> InfluenceSolution:
+    """Solve (H + damping I) x = rhs with Hessian-vector products over ``hessian_loader``;
+    ``settings`` are :class:`SolverSettings` fields."""
+    settings = SolverSettings(**settings)
+    solver, steps, lr, tolerance = settings.solver, settings.steps, settings.lr, settings.tolerance
     if solver not in SOLVERS:
         raise ValueError(f"unknown influence solver {solver!r}; choose one of {list(SOLVERS)}")
     if damping < 0:

@@ -7,9 +7,10 @@ per-layer counts and the model's totals (heads and filters per layer) when they 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
+
+from .files import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 # transformers config attributes holding layer / head / FFN sizes, by family
@@ -75,12 +76,7 @@ def read_adapter_config(adapter_dir) -> dict:
     path = Path(adapter_dir)
     if path.is_dir():
         path = path / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {adapter_dir}: not a saved PEFT adapter directory")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    return read_json(path, f"no {ADAPTER_CONFIG} in {adapter_dir}: not a saved PEFT adapter directory")
 
 
 def format_selection(summary: dict) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
+
+from .files import read_json
 
 TASKS = ("classification", "causal-lm")
 # transformers architecture class-name endings, by task
@@ -17,13 +18,8 @@ def model_config(model_dir) -> dict:
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: not a saved transformers model (save_pretrained)")
-    try:
-        return json.loads(config.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config} is not valid JSON: {error}") from None
+    return read_json(path / "config.json", f"{path} has no config.json: not a saved transformers model "
+                                           "(save_pretrained)")
 
 
 def detect_task(config: dict, task: Optional[str] = None) -> str:

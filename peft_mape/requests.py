@@ -29,7 +29,7 @@ import torch
 
 from .data import fingerprint, set_fingerprint
 from .report import UnlearnReport
-from .saving import atomic_write
+from .files import atomic_write
 from .statistics import RetainStatistics, mask_gradients
 from .unlearning.methods import DEFAULT_METHOD, LoopMethod, resolve_method
 from .unlearning.phases import request_scope
@@ -144,7 +144,8 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     """Run one erasure request into a new adapter ``name`` (default ``request-<k>``) and log it.
 
     ``config`` defaults to a copy of the active adapter's config without its selection;
-    ``unlearn_options`` are :func:`peft_mape.unlearning.unlearn`'s (method, its options, run options).
+    ``unlearn_options`` are :func:`peft_mape.unlearning.unlearn`'s (``method``, ``holdout``,
+    ``forget_loss_target``, ``selection``, the method's options and the run options).
     """
     if mode not in MODES:
         raise ValueError(f"unknown request mode {mode!r}; choose one of {list(MODES)}")
@@ -155,6 +156,7 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     method = unlearn_options.pop("method", None)
     holdout = unlearn_options.pop("holdout", None)
     target = unlearn_options.pop("forget_loss_target", None)
+    selection = unlearn_options.pop("selection", None)
     run, method_options = split_options(method, unlearn_options)
     chosen = resolve_method(method, method_options, DEFAULT_METHOD)
     name = name or f"request-{len(state.log) + 1}"
@@ -185,7 +187,8 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
                            max_retain_examples=config.max_retain_examples)
             if isinstance(chosen, LoopMethod) and target is None and holdout is not None:
                 target = holdout_target(data, holdout, config.max_retain_examples)
-            report = unlearn_prepared(tuner, name, chosen, data, target=target, retain_statistics=statistics)
+            report = unlearn_prepared(tuner, name, chosen, data, target=target, selection=selection,
+                                      retain_statistics=statistics)
     except BaseException:
         tuner.set_adapter(active_before)
         tuner.delete_adapter(name)

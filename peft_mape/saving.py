@@ -15,7 +15,6 @@ same way (see ``requests.py``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -27,6 +26,7 @@ from typing import Callable
 
 from peft import PeftModel
 
+
 STAGING_PREFIX = ".mape-save-"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -36,24 +36,6 @@ def _has_mape(model) -> bool:
     from .config import MAPEConfig
 
     return any(isinstance(c, MAPEConfig) for c in getattr(model, "peft_config", {}).values())
-
-
-def atomic_write(path, write: Callable[[str], None]) -> Path:
-    """Run ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    The temporary file is removed when ``write`` fails; ``path`` is then left as it was.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def publish_files(staging: Path, target: Path) -> list[Path]:

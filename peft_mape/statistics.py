@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import per_example_losses, to_device
 from .modes import eval_mode
-from .saving import atomic_write
+from .files import atomic_write
 
 UNIT_TYPES = ("heads", "filters")
 

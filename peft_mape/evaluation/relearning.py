@@ -85,8 +85,7 @@ def split_forget_set(examples: Sequence, seed: int = 0) -> tuple[list, list]:
 
 def relearning_attack(model, forget, *, steps: int = 5, lr: float = 1e-4, batch_size: int = 8,
                       params: Optional[Sequence[torch.nn.Parameter]] = None, metrics: Optional[MetricFn] = None,
-                      loss_fn=None, seed: int = 0, device=None, restore: bool = True,
-                      progress: bool = False) -> RelearningResult:
+                      loss_fn=None, seed: int = 0, restore: bool = True) -> RelearningResult:
     """Fine-tune ``steps`` steps on half of ``forget``; report forget metrics before and after.
 
     Args:
@@ -102,7 +101,7 @@ def relearning_attack(model, forget, *, steps: int = 5, lr: float = 1e-4, batch_
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    device = device or next(model.parameters()).device
+    device = next(model.parameters()).device
     examples = materialise(forget, forward_arguments(model), what="forget")
     validate_examples(examples, "forget", needs_labels=loss_fn is None, model=model)
     attack, heldout = split_forget_set(examples, seed)
@@ -121,7 +120,7 @@ def relearning_attack(model, forget, *, steps: int = 5, lr: float = 1e-4, batch_
         with gradients_only_for(model, tuned):  # gradients only where the attacker tunes
             torch.manual_seed(seed)
             loop = optimise(model, tuned, Descent(max_steps=steps), LoopData(
-                forget=attack_loader, loss_fn=loss_fn, device=device, progress=progress), lr=lr)
+                forget=attack_loader, loss_fn=loss_fn, device=device, progress=False), lr=lr)
         after = {part: evaluate(model, loader) for part, loader in loaders.items()}
     finally:
         if saved is not None:

@@ -204,13 +204,26 @@ def _rouge_choice(n: int, rouge_indices: Optional[Sequence[int]]) -> list[int]:
     return chosen
 
 
+@dataclass
+class ScoringOptions:
+    """How a split is scored and generated: the prompt ``template``, encoding limits
+    (``max_length``, ``max_answer_tokens``), generation length, batch size, the number of
+    perturbed answers built when none are given, and the mean over perturbed answers."""
+
+    template: str = "plain"
+    max_length: Optional[int] = None
+    max_answer_tokens: Optional[int] = None
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    num_perturbed: int = 3
+    perturbed_mean: str = "arithmetic"
+    progress: bool = False
+
+
 def evaluate_split(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
                    perturbed: Optional[Sequence[Sequence[str]]] = None, *, kind: str, name: Optional[str] = None,
-                   template: str = "plain", max_length: Optional[int] = None,
-                   max_answer_tokens: Optional[int] = None, max_new_tokens: int = 32, batch_size: int = 16,
-                   num_perturbed: int = 3, perturbed_mean: str = "arithmetic",
                    rouge_indices: Optional[Sequence[int]] = None, generations: Optional[Sequence[str]] = None,
-                   progress: bool = False) -> SplitResult:
+                   **options) -> SplitResult:
     """Answer probability, ROUGE-L recall and truth ratio of ``model`` on one split.
 
     ``kind``: "forget" or "retain" (probability exp(lp); truth-ratio score min(R, 1/R) for
@@ -222,7 +235,12 @@ def evaluate_split(model, tokenizer, questions: Sequence[str], answers: Sequence
     probabilities and truth ratios always cover every question. ``generations``: the greedy
     answers to the ``rouge_indices`` questions when the caller has generated them already (see
     :func:`evaluate_splits`, which generates for several splits in one batched call).
+    ``options`` are :class:`ScoringOptions` fields.
     """
+    o = ScoringOptions(**options)
+    template, max_length, max_answer_tokens, batch_size = o.template, o.max_length, o.max_answer_tokens, o.batch_size
+    max_new_tokens, num_perturbed, perturbed_mean, progress = o.max_new_tokens, o.num_perturbed, o.perturbed_mean, \
+        o.progress
     _check_kind(kind)
     if len(questions) != len(answers):
         raise ValueError(f"got {len(questions)} questions but {len(answers)} answers")

@@ -7,7 +7,6 @@ from typing import Optional
 
 from ...data import make_loader
 from ...influence import SOLVERS, influence_step, solve_damped_system
-from ...statistics import parameter_gradient_sum
 from .base import ClosedFormContext, ClosedFormMethod, StepResult, register_method
 
 
@@ -35,8 +34,7 @@ class Influence(ClosedFormMethod):
 
     def step(self, context: ClosedFormContext) -> StepResult:
         data = context.data
-        grad_sum = parameter_gradient_sum(context.tuner, context.adapter_name, data.forget_loader, data.loss_fn,
-                                          device=data.device, progress=data.progress)
+        grad_sum = context.forget_gradient_sum()
         hessian_loader = make_loader(data.retain_examples[:self.hessian_examples], data.batch_size, data.pad_token_id)
         solution = solve_damped_system(data.model, context.params, grad_sum, hessian_loader, data.loss_fn,
                                        device=data.device, damping=self.damping, solver=self.solver,

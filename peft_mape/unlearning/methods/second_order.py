@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...statistics import parameter_fisher_diagonal, parameter_gradient_sum
+from ...statistics import parameter_fisher_diagonal
 from .base import ClosedFormContext, ClosedFormMethod, StepResult, register_method
 
 
@@ -28,8 +28,7 @@ class SecondOrder(ClosedFormMethod):
 
     def step(self, context: ClosedFormContext) -> StepResult:
         data = context.data
-        grad_sum = parameter_gradient_sum(context.tuner, context.adapter_name, data.forget_loader, data.loss_fn,
-                                          device=data.device, progress=data.progress)
+        grad_sum = context.forget_gradient_sum()
         fisher = parameter_fisher_diagonal(context.tuner, context.adapter_name, data.retain_loader, data.loss_fn,
                                            device=data.device, progress=data.progress)
         second_order_step(context.params, grad_sum, fisher, num_train_examples=context.num_train_examples,
