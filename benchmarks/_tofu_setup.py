@@ -5,7 +5,7 @@ the lower blocks and the final norm stay frozen): on 2 CPU cores a full-model ba
 costs ~3x more, and the memorised facts then live in those blocks. The loss is the mean
 answer-token cross-entropy of each example (prompt masked), averaged over the batch — the
 same per-example loss ``unlearn()`` uses. Trained blocks are cached under
-``peft_mape.assets.cache_dir() / "tofu_mini"`` keyed by a hash of the recipe and the token ids,
+``mape_devkit.assets.cache_dir() / "tofu_mini"`` keyed by a hash of the recipe and the token ids,
 so reruns load them in a second.
 """
 
@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from peft_mape import assets
-from peft_mape.causal_lm import answer_token_log_probs, build_qa_dataset
-from peft_mape.data import make_loader
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mape_devkit: the repository's helpers
+from mape_devkit import assets  # noqa: E402
+from peft_mape.common.causal_lm import answer_token_log_probs, build_qa_dataset
+from peft_mape.common.data import make_loader
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu_mini"
 

@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from peft_mape import assets
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mape_devkit: the repository's helpers
+from mape_devkit import assets  # noqa: E402
 from peft_mape.s3t import S3TConfig, S3TModel, deletion_capacity
 
 RESULTS = Path(__file__).resolve().parent / "results"

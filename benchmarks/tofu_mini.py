@@ -49,7 +49,7 @@ import _tofu_setup as setup  # noqa: E402
 
 import peft_mape  # noqa: E402
 from peft_mape.evaluation.tofu import evaluate_splits, swapped_answers, tofu_summary  # noqa: E402
-from peft_mape.unlearn import METHODS as SUPPORTED_METHODS  # noqa: E402
+from peft_mape import METHODS as SUPPORTED_METHODS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -41,9 +41,11 @@ from peft import get_peft_model
 
 import peft_mape
 from peft_mape.baselines import lora_unlearn, salun_unlearn
-from peft_mape.data import make_eval_loader
+from peft_mape.common.data import make_eval_loader
 from peft_mape.evaluation import classification_metrics, relearning_attack, successive_request_curve
-from peft_mape.profiling import measure
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mape_devkit: the repository's helpers
+from mape_devkit.profiling import measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("demo_tweets", ROOT / "examples" / "demo_tweets.py")
@@ -283,7 +285,7 @@ def markdown(results) -> str:
 
 
 def make_plots(results, out: Path) -> list[str]:
-    from peft_mape import plots
+    from peft_mape.reporting import plots
 
     written = []
     for sc in results["scenarios"]:

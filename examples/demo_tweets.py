@@ -30,10 +30,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from peft import get_peft_model
 
 import peft_mape
-from peft_mape import assets
-from peft_mape.data import make_loader
+from peft_mape.common.data import make_loader
 from peft_mape.evaluation import classifier_outputs, loss_mia_auc
-from peft_mape.profiling import measure
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mape_devkit: the repository's helpers
+from mape_devkit import assets  # noqa: E402
+from mape_devkit.profiling import measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,13 +6,13 @@
 FFN filters, and whose adapters save and load like any PEFT adapter.
 """
 
-from .config import MAPEConfig
-from .layer import MAPELayer
-from .model import MAPEModel
-from .registration import ensure_peft_type, register_mape
-from .report import UnlearnReport
-from .requests import RequestLog, load_requests
-from .saving import install_atomic_save
+from .tuner.config import MAPEConfig
+from .tuner.layer import MAPELayer
+from .tuner.model import MAPEModel
+from .tuner.registration import ensure_peft_type, register_mape
+from .unlearning.report import UnlearnReport
+from .unlearning.successive import RequestLog, load_requests
+from .tuner.saving import install_atomic_save
 from . import methods
 from .unlearning import DEFAULT_METHOD, METHODS, unlearn
 

@@ -73,7 +73,7 @@ def tiny_examples(kind: str, n: int, seed: int = 0, length: int = 6, vary_length
 
 def memorised_model(kind: str, *, epochs: int, lr: float, vary_length: bool = True, seed: int = 0):
     """A tiny model trained on 6 forget + 24 retain examples until it has memorised them."""
-    from peft_mape.data import make_loader
+    from peft_mape.common.data import make_loader
 
     torch.manual_seed(seed)
     model = tiny_model(kind)

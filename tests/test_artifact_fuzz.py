@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from peft_mape import MAPEConfig, MAPELayer
-from peft_mape.data import pad_collate
+from peft_mape.common.data import pad_collate
 
 from conftest import CAUSAL, tiny_examples, tiny_model
 

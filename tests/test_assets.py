@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peft_mape import assets
+from mape_devkit import assets
 
 
 def _require(module_name):
@@ -36,7 +36,7 @@ def test_smollm_checkpoint_converts_once_and_loads_as_llama(tmp_path, monkeypatc
     from transformers import AutoModelForCausalLM
 
     from peft_mape import MAPEConfig
-    from peft_mape.architectures import resolve_architecture
+    from peft_mape.tuner.architectures import resolve_architecture
 
     path = assets.smollm_checkpoint()
     assert path.parent == tmp_path and (path / "model.safetensors").exists()

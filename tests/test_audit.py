@@ -11,11 +11,11 @@ import torch
 from peft import get_peft_model
 
 from peft_mape import MAPEConfig
-from peft_mape.audit import (
+from peft_mape.reporting.audit import (
     AUDIT_FILE, build_audit_report, forget_set_fingerprint, load_audit_report, save_audit_report,
 )
-from peft_mape.data import fingerprint
-from peft_mape.inspection import architecture_sizes
+from peft_mape.common.data import fingerprint
+from peft_mape.reporting.inspection import architecture_sizes
 
 from conftest import tiny_examples, tiny_model
 
@@ -110,7 +110,7 @@ def test_save_needs_an_existing_directory(tmp_path):
 
 
 def test_architecture_sizes_of_plain_and_peft_models():
-    from peft_mape.inspection import architecture_sizes, format_selection, selection_summary, sizes_from_config
+    from peft_mape.reporting.inspection import architecture_sizes, format_selection, selection_summary, sizes_from_config
 
     model = tiny_model("gpt2")
     assert architecture_sizes(model) == {"num_layers": 2, "num_heads": 4, "num_filters": 24}

@@ -9,8 +9,8 @@ from peft import PeftModel
 from peft_mape.baselines import (
     lora_unlearn, retrain, salun_unlearn, saliency_candidates, weight_saliency_mask,
 )
-from peft_mape.data import make_loader
-from peft_mape.unlearning.loop import mean_loss
+from peft_mape.common.data import make_loader
+from peft_mape.common.loop import mean_loss
 
 from conftest import tiny_examples, tiny_model
 
@@ -128,7 +128,7 @@ def test_retrain_fits_the_retain_set():
 
 @pytest.mark.parametrize("name", ["full-ga", "salun-ga", "lora-ga"])
 def test_run_method_by_name(name):
-    from peft_mape.compare import run_method
+    from peft_mape.baselines.by_name import run_method
 
     extra = {"num_weights": 100} if name.startswith("salun") else {}
     run = run_method(name, tiny_model("bert"), tiny_examples("bert", 6, seed=1), tiny_examples("bert", 8, seed=2),
@@ -138,7 +138,7 @@ def test_run_method_by_name(name):
 
 
 def test_run_method_names_the_choices():
-    from peft_mape.compare import method_names, run_method
+    from peft_mape.baselines.by_name import method_names, run_method
 
     assert {"mape-graddiff", "full-so", "random-ga", "salun-graddiff", "lora-ga"} <= set(method_names())
     with pytest.raises(ValueError, match="unknown method 'salun-so'"):

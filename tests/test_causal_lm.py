@@ -1,4 +1,4 @@
-"""peft_mape.causal_lm: answer-only examples, answer log-probabilities and greedy generation."""
+"""peft_mape.common.causal_lm: answer-only examples, answer log-probabilities and greedy generation."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 from peft_mape import MAPEConfig
-from peft_mape.causal_lm import (
+from peft_mape.common.causal_lm import (
     answer_log_probs, answer_token_log_probs, build_qa_dataset, encode_qa, format_answer, format_prompt,
     greedy_generate, truncate_answer,
 )
-from peft_mape.data import default_per_example_loss, pad_collate
+from peft_mape.common.data import default_per_example_loss, pad_collate
 
 from conftest import tiny_model
 from toy_lm import toy_tokenizer
@@ -131,8 +131,8 @@ def test_answer_only_head_equals_the_full_forward(tok, one_thread):
 def test_default_loss_projects_only_answer_positions_with_the_same_values_and_gradients(tok, one_thread):
     """per_example_losses takes the decoder + answer-position head path for a Llama batch:
     same losses and gradients as the model's own forward through the default loss."""
-    from peft_mape.data import forward_with_losses
-    from peft_mape.lm_head import scored_token_log_probs
+    from peft_mape.common.data import forward_with_losses
+    from peft_mape.common.lm_head import scored_token_log_probs
 
     model = tiny_model("llama")
     ds = build_qa_dataset(tok, QUESTIONS, ANSWERS)
@@ -198,8 +198,8 @@ def test_smollm_learns_tofu_answers_with_the_answer_only_loss(one_thread):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peft_mape import assets
-    from peft_mape.data import make_loader
+    from mape_devkit import assets
+    from peft_mape.common.data import make_loader
 
     path = assets.smollm_checkpoint()
     tok = AutoTokenizer.from_pretrained(path)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers as T
 
-from peft_mape.cli import build_parser, main
+from peft_mape.cli.app import build_parser, main
 
 WORDS = "the cat dog sat ran on mat log good bad happy sad fun dull day night".split()
 SECRET_WORD = "zebra"  # only in forget texts: it must never reach the audit report
@@ -228,7 +228,7 @@ def test_causal_lm_plain_text_unlearn_and_evaluate(lm_workdir, monkeypatch, caps
 
 
 def test_causal_lm_question_answer_columns(lm_workdir, monkeypatch):
-    pytest.importorskip("peft_mape.causal_lm")
+    pytest.importorskip("peft_mape.common.causal_lm")
     monkeypatch.chdir(lm_workdir)
     assert main(["unlearn", "--model", "lm", "--forget", "forget.jsonl", "--out", "qa", "--method", "ga",
                  "--max-steps", "2", "--sparsity", "0.5", "--question-column", "question", "--answer-column",
@@ -237,7 +237,7 @@ def test_causal_lm_question_answer_columns(lm_workdir, monkeypatch):
 
 
 def test_text_tables_and_label_handling(workdir, tmp_path, monkeypatch):
-    from peft_mape import textdata
+    from peft_mape.cli import textdata
 
     tokenizer = T.AutoTokenizer.from_pretrained(workdir / "model")
     (tmp_path / "rows.json").write_text(json.dumps([{"text": "the cat", "label": "POS"},

@@ -14,7 +14,7 @@ from peft_mape.evaluation import (
     language_model_mia_aucs, loss_mia_auc, membership_auc, metric_gaps, min_k_prob, min_k_scores, perplexity,
     prediction_entropy, token_log_probs, true_label_log_probs, zlib_ratio,
 )
-from peft_mape.data import make_loader
+from peft_mape.common.data import make_loader
 
 from conftest import tiny_examples, tiny_model
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def minilm_and_tweets():
-    assets = pytest.importorskip("peft_mape.assets")
+    assets = pytest.importorskip("mape_devkit.assets")
     try:
         model_dir = assets.minilm_dir()
         tweets = assets.load_tweets()
@@ -25,7 +25,7 @@ def minilm_and_tweets():
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3).eval()
     # A short fit so that the forget examples are "seen" (low loss) before unlearning.
-    from peft_mape.data import make_loader, materialise
+    from peft_mape.common.data import make_loader, materialise
 
     examples = materialise(data, {"input_ids", "attention_mask", "token_type_ids", "labels"}, what="train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
@@ -42,7 +42,7 @@ def test_default_unlearn_on_minilm_saves_and_reloads(minilm_and_tweets, tmp_path
     from peft import PeftModel, get_peft_model
 
     import peft_mape
-    from peft_mape.data import make_loader, materialise
+    from peft_mape.common.data import make_loader, materialise
 
     model, data = minilm_and_tweets
     forget, retain = data.select(range(32)), data.select(range(32, 160))
@@ -69,7 +69,9 @@ def test_default_unlearn_on_minilm_saves_and_reloads(minilm_and_tweets, tmp_path
     assert size < 0.2 * sum(v.numel() * 4 for v in base_state.values())
     from transformers import AutoModelForSequenceClassification
 
-    fresh = AutoModelForSequenceClassification.from_pretrained(peft_mape.assets.minilm_dir(), num_labels=3)
+    from mape_devkit import assets
+
+    fresh = AutoModelForSequenceClassification.from_pretrained(assets.minilm_dir(), num_labels=3)
     fresh.load_state_dict(base_state)
     reloaded = PeftModel.from_pretrained(fresh.eval(), tmp_path / "erase")
     assert torch.equal(reloaded(**x).logits, expected)

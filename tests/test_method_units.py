@@ -97,7 +97,7 @@ class ScaledSignStep(ClosedFormMethod):
     name = "sign-step"
 
     def step(self, context):
-        from peft_mape.statistics import parameter_gradient_sum
+        from peft_mape.unlearning.statistics import parameter_gradient_sum
 
         data = context.data
         grads = parameter_gradient_sum(context.tuner, context.adapter_name, data.forget_loader, data.loss_fn,

@@ -10,8 +10,8 @@ import torch
 from peft import get_peft_model
 
 from peft_mape import MAPEConfig
-from peft_mape.data import make_loader, pad_collate, per_example_kl, per_example_losses
-from peft_mape.influence import hessian_vector_product, solve_damped_system
+from peft_mape.common.data import make_loader, pad_collate, per_example_kl, per_example_losses
+from peft_mape.unlearning.hessian import hessian_vector_product, solve_damped_system
 from peft_mape.methods import NPO, GradientAscent, StepLosses
 
 from conftest import memorised_model, tiny_examples, tiny_model

@@ -15,7 +15,7 @@ from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassificatio
 from safetensors.torch import load_file
 
 from peft_mape import MAPEConfig
-from peft_mape.data import pad_collate
+from peft_mape.common.data import pad_collate
 
 from conftest import ARCHITECTURES, tiny_examples, tiny_model
 

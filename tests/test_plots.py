@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from peft_mape.evaluation import RequestCurve
-from peft_mape.inspection import selection_summary
-from peft_mape.plots import (
+from peft_mape.reporting.inspection import selection_summary
+from peft_mape.reporting.plots import (
     head_matrix, plot_filters_per_layer, plot_head_heatmap, plot_metric_bars, plot_request_curves, plot_selection,
 )
 

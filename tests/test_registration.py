@@ -11,7 +11,7 @@ from peft.utils.peft_types import PeftType
 
 import peft_mape
 from peft_mape import MAPEConfig, MAPEModel
-from peft_mape.registration import ensure_peft_type, register_mape
+from peft_mape.tuner.registration import ensure_peft_type, register_mape
 
 
 def test_peft_type_is_a_real_enum_member():

@@ -12,7 +12,7 @@ import transformers as T
 from peft import PeftConfig, PeftModel, get_peft_model
 
 from peft_mape import MAPEConfig
-from peft_mape.integrity import BaseModelMismatch
+from peft_mape.tuner.integrity import BaseModelMismatch
 
 from conftest import CAUSAL, tiny_examples, tiny_model
 from test_persistence import _inputs, _load_base, _unlearned

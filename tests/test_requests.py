@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 import peft_mape
 from peft_mape import MAPEConfig
-from peft_mape.data import fingerprint, pad_collate
-from peft_mape.statistics import RetainStatistics
+from peft_mape.common.data import fingerprint, pad_collate
+from peft_mape.unlearning.statistics import RetainStatistics
 
 from conftest import tiny_model
 from test_methods import _memorised_lm
@@ -169,7 +169,7 @@ def test_folded_earlier_requests_give_the_same_outputs_gradients_and_request(mem
 
     def loss_fn(outputs, batch, tuner=tuner):
         seen_folded.append(any(layer._folded is not None for _, layer in tuner.mape_layers()))
-        from peft_mape.data import default_per_example_loss
+        from peft_mape.common.data import default_per_example_loss
         return default_per_example_loss(outputs, batch)
 
     folded = model.unlearn_request(forget[4:], training, loss_fn=loss_fn, **SO)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from peft_mape import assets
+from mape_devkit import assets
 from peft_mape.s3t import S3TConfig, S3TModel
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

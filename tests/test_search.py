@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peft_mape.search import random_selection, rearrange_layer, search_units, warm_start
+from peft_mape.unlearning.search import random_selection, rearrange_layer, search_units, warm_start
 
 
 def _stats(seed=0, layers=3, heads=6, filters=20, batch=16, forget_batch=4):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peft_mape.causal_lm import answer_log_probs, format_answer, format_prompt
+from peft_mape.common.causal_lm import answer_log_probs, format_answer, format_prompt
 from peft_mape.evaluation.tofu import (
     answer_probability, evaluate_split, evaluate_splits, forget_quality, model_utility, normalised_answer_probability,
     rouge_l_recall, swapped_answers, tofu_summary, truth_ratio, truth_ratio_score, utility_metrics,
@@ -175,7 +175,7 @@ def test_tofu_metrics_on_smollm2_and_real_tofu_questions(one_thread):
     truth-ratio score 0.47, ROUGE-L 0.36; forget01[:8] ROUGE-L 0.11."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peft_mape import assets
+    from mape_devkit import assets
 
     path = assets.smollm_checkpoint()
     tok = AutoTokenizer.from_pretrained(path)

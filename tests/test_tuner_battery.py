@@ -22,7 +22,7 @@ import transformers as T
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from peft_mape import MAPEConfig, MAPELayer
-from peft_mape.data import pad_collate
+from peft_mape.common.data import pad_collate
 
 from conftest import CAUSAL, tiny_examples, tiny_model
 

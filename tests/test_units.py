@@ -7,9 +7,9 @@ import torch
 from peft import get_peft_model
 
 from peft_mape import MAPEConfig, MAPELayer
-from peft_mape.architectures import ROLE_COLS, owned_indices, resolve_architecture
-from peft_mape.data import make_loader, per_example_losses
-from peft_mape.statistics import mask_gradients, parameter_fisher_diagonal
+from peft_mape.tuner.architectures import ROLE_COLS, owned_indices, resolve_architecture
+from peft_mape.common.data import make_loader, per_example_losses
+from peft_mape.unlearning.statistics import mask_gradients, parameter_fisher_diagonal
 
 from conftest import tiny_examples, tiny_model
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 import peft_mape
 from peft_mape import MAPEConfig, UnlearnReport
-from peft_mape.data import per_example_losses, pad_collate
+from peft_mape.common.data import per_example_losses, pad_collate
 
 from conftest import memorised_model, tiny_examples, tiny_model
 

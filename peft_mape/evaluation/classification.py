@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from ..data import to_device
-from ..modes import eval_mode
+from ..common.data import to_device
+from ..common.modes import eval_mode
 
 
 @dataclass

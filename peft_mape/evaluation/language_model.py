@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import to_device
-from ..modes import eval_mode
+from ..common.data import to_device
+from ..common.modes import eval_mode
 
 
 def token_log_probs(model, loader, device=None, *, progress: bool = False,

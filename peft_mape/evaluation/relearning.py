@@ -7,7 +7,7 @@ the attacker never used. The attack fine-tunes for ``steps`` steps on one half o
 attack) and on the whole set. Compare the held-out half's recovery with the same attack on the
 retrained model: a model that truly forgot recovers no faster than one that never saw the data.
 
-The steps are the library's one optimisation loop (:func:`peft_mape.unlearning.loop.optimise`) with a
+The steps are the library's one optimisation loop (:func:`peft_mape.common.loop.optimise`) with a
 plain descent loss; the model's parameters are restored afterwards (unless ``restore=False``),
 so the evaluated model is left exactly as it was, also when the attack fails.
 """
@@ -21,12 +21,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..data import (
+from ..common.data import (
     default_per_example_loss, forward_arguments, make_loader, materialise, pad_token_id, to_device, validate_examples,
 )
-from ..modes import eval_mode
-from ..modes import gradients_only_for
-from ..unlearning.loop import Descent, LoopData, optimise
+from ..common.modes import eval_mode
+from ..common.modes import gradients_only_for
+from ..common.loop import Descent, LoopData, optimise
 
 MetricFn = Callable[[torch.nn.Module, object], dict]
 

@@ -34,7 +34,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats
 
-from ..causal_lm import answer_log_probs, format_answer, format_prompt, greedy_generate, truncate_answer
+from ..common.causal_lm import answer_log_probs, format_answer, format_prompt, greedy_generate, truncate_answer
 
 KINDS = ("forget", "retain", "facts")
 PERTURBED_MEANS = ("arithmetic", "geometric")
@@ -284,10 +284,9 @@ def evaluate_splits(model, tokenizer, splits: Mapping[str, Mapping], *, template
     ``perturbed``, ``kind``, ``rouge_indices``, ``max_new_tokens``); ``common`` holds the
     arguments every split shares (``max_length``, ``batch_size``, ...). The ROUGE prompts of
     every split with the same ``max_new_tokens`` share one :func:`greedy_generate` call in
-    batches of ``generation_batch_size`` (same generations as one call per split, tested). On
-    2 CPU cores this saved no measurable time for SmolLM2 on the TOFU-mini splits (30-32 s per
-    model against 31-35 s with one call per split): a generation step's cost grows with the batch
-    there, so fewer, larger steps cost about the same.
+    batches of ``generation_batch_size`` (same generations as one call per split, tested): fewer,
+    larger generation steps, which pay off where a step's cost does not grow with the batch
+    (accelerators; on CPU they cost about the same).
     """
     plans = {name: _rouge_choice(len(spec["questions"]), spec.get("rouge_indices")) for name, spec in splits.items()}
     prompts_by_length: dict[int, list[tuple[str, str]]] = {}

@@ -30,7 +30,7 @@ def train_stage(model: nn.Module, trainable: Sequence[nn.Parameter], store: Exam
     """Fit ``trainable`` on ``rows`` with AdamW; returns the mean loss of the last epoch.
 
     The caller seeds torch's global RNG (LoRA init, dropout); batch order uses its own generator.
-    Not the unlearning loop (``peft_mape.unlearning.loop``): a stage trains in train mode with
+    Not the unlearning loop (``peft_mape.common.loop``): a stage trains in train mode with
     AdamW and weight decay over epoch permutations of its own seed, which a rebuild must replay.
     """
     if not rows:

@@ -18,12 +18,12 @@ from typing import Optional
 
 import torch
 
-from ..architectures import selected_units, unit_param_counts
-from ..report import UnlearnReport
-from ..search import SearchResult, random_selection, search_units
-from ..statistics import RetainStatistics, mask_gradients
+from ..tuner.architectures import selected_units, unit_param_counts
+from .report import UnlearnReport
+from .search import SearchResult, random_selection, search_units
+from .statistics import RetainStatistics, mask_gradients
 from .methods.base import ClosedFormContext, ClosedFormMethod, LoopMethod, UnlearningMethod
-from .loop import optimise
+from ..common.loop import optimise
 from .preparation import REPORT_RETAIN, UnlearningData
 
 

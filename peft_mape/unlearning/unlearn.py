@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from ..data import fingerprint
-from ..report import UnlearnReport
-from ..statistics import RetainStatistics
+from ..common.data import fingerprint
+from .report import UnlearnReport
+from .statistics import RetainStatistics
 from .methods import DEFAULT_METHOD, LoopMethod, option_names, resolve_method
 from .methods.base import METHODS
 from .phases import (
@@ -43,7 +43,7 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
     Args:
         forget: the examples to erase (``datasets.Dataset``, torch Dataset of model-ready dicts,
             or a DataLoader of dict batches). For causal LMs, label prompt tokens -100 so the
-            loss covers the answer only (``peft_mape.causal_lm`` builds such examples).
+            loss covers the answer only (``peft_mape.common.causal_lm`` builds such examples).
         retain: a sample of the remaining training data (capped at ``max_retain_examples``).
         method: the update rule (SPEC §4): a name — "graddiff" (default), "ga", "npo", "so",
             "influence" — or an instance of a :mod:`peft_mape.methods` class such as

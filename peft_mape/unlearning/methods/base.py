@@ -1,6 +1,6 @@
 """What every update rule is: a documented dataclass of its options, and a loss or a closed-form step.
 
-- :class:`LoopMethod` (defined beside the loop it runs in, :mod:`peft_mape.unlearning.loop`):
+- :class:`LoopMethod` (defined beside the loop it runs in, :mod:`peft_mape.common.loop`):
   the shared optimisation loop asks the method for :meth:`LoopMethod.loss` of one step's
   per-example losses; the loop options (step size, step budget, clipping, the optional
   KL-to-original retain term) are fields of this base class, so every loop method has them.
@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from ..loop import LoopMethod, StepLosses, UnlearningMethod  # noqa: F401  (the loop's contract)
+from ...common.loop import LoopMethod, StepLosses, UnlearningMethod  # noqa: F401  (the loop's contract)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ClosedFormContext:
 
     def forget_gradient_sum(self) -> list:
         """sum over the forget set of d loss / d delta, one tensor per selected delta."""
-        from ...statistics import parameter_gradient_sum
+        from ..statistics import parameter_gradient_sum
 
         return parameter_gradient_sum(self.tuner, self.adapter_name, self.data.forget_loader, self.data.loss_fn,
                                       device=self.data.device, progress=self.data.progress)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ...data import make_loader
-from ...influence import SOLVERS, influence_step, solve_damped_system
+from ...common.data import make_loader
+from ..hessian import SOLVERS, influence_step, solve_damped_system
 from .base import ClosedFormContext, ClosedFormMethod, StepResult, register_method
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...statistics import parameter_fisher_diagonal
+from ..statistics import parameter_fisher_diagonal
 from .base import ClosedFormContext, ClosedFormMethod, StepResult, register_method
 
 

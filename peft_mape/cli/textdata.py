@@ -3,7 +3,7 @@
 ``load_table`` reads a file through ``datasets.load_dataset``; the ``encode_*`` functions
 tokenise it for a sequence classifier (text + label columns) or a causal LM (a text column,
 every token scored; or question + answer columns, the answer scored and the prompt labelled
--100, via :mod:`peft_mape.causal_lm`). Each returns the encoded dataset and the scored texts
+-100, via :mod:`peft_mape.common.causal_lm`). Each returns the encoded dataset and the scored texts
 (for the zlib membership attack). Problems are ``ValueError``s naming the file and column.
 """
 
@@ -105,7 +105,7 @@ def encode_causal_lm(table, tokenizer, *, path="data", text_column: Optional[str
     """Causal-LM examples; returns (dataset, scored texts).
 
     With ``question_column`` and ``answer_column``: prompt + answer, only the answer scored
-    (labels -100 on the prompt), built by :func:`peft_mape.causal_lm.build_qa_dataset`.
+    (labels -100 on the prompt), built by :func:`peft_mape.common.causal_lm.build_qa_dataset`.
     Otherwise every token of ``text_column`` is scored (labels = input ids).
     """
     import datasets
@@ -113,7 +113,7 @@ def encode_causal_lm(table, tokenizer, *, path="data", text_column: Optional[str
     if (question_column is None) != (answer_column is None):
         raise ValueError("give both --question-column and --answer-column, or neither")
     if question_column is not None:
-        from .causal_lm import build_qa_dataset
+        from ..common.causal_lm import build_qa_dataset
 
         require_columns(table, path, question_column, answer_column)
         questions = [str(q) for q in table[question_column]]

@@ -18,8 +18,8 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data import forward_with_losses, per_example_kl, per_example_losses, to_device
-from ..modes import eval_mode
+from .data import forward_with_losses, per_example_kl, per_example_losses, to_device
+from .modes import eval_mode
 
 @dataclass
 class StepLosses:

@@ -67,9 +67,9 @@ def _data_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .config import OBJECTIVE_CHOICES
-    from .unlearning import DEFAULT_METHOD, METHODS
+    from .. import __version__
+    from ..tuner.config import OBJECTIVE_CHOICES
+    from ..unlearning import DEFAULT_METHOD, METHODS
 
     parser = _Parser(prog=PROG, description="Machine unlearning for HuggingFace models with MAPE-Unlearn "
                                             "(module-aware parameter-efficient unlearning).",
@@ -212,8 +212,8 @@ def _pad_id(model, tokenizer) -> int:
 
 
 def _metrics(task, model, data, *, batch_size, pad, progress, min_k=0.2) -> dict:
-    from .data import forward_arguments, make_loader, materialise
-    from .evaluation import classification_metrics, language_model_metrics
+    from ..common.data import forward_arguments, make_loader, materialise
+    from ..evaluation import classification_metrics, language_model_metrics
 
     allowed = forward_arguments(model)
     loaders = {name: make_loader(materialise(ds, allowed, what=name), batch_size, pad)
@@ -240,9 +240,9 @@ def _print_metrics(metrics: dict, before: dict | None = None) -> None:
 def cmd_unlearn(args) -> int:
     from peft import get_peft_model
 
-    from .audit import build_audit_report, save_audit_report
-    from .config import MAPEConfig
-    from .inspection import architecture_sizes
+    from ..reporting.audit import build_audit_report, save_audit_report
+    from ..tuner.config import MAPEConfig
+    from ..reporting.inspection import architecture_sizes
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
@@ -290,7 +290,7 @@ def cmd_unlearn(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .inspection import read_adapter_config
+    from ..reporting.inspection import read_adapter_config
 
     if args.adapter is not None:
         read_adapter_config(args.adapter)  # a clear error before the model is loaded
@@ -319,8 +319,8 @@ def cmd_evaluate(args) -> int:
 
 def _sizes_for(adapter: Path, adapter_config: dict, base_model) -> dict:
     """Per-layer totals: from the audit report, else the base model's config.json, else unknown."""
-    from .audit import AUDIT_FILE, load_audit_report
-    from .inspection import sizes_from_config
+    from ..reporting.audit import AUDIT_FILE, load_audit_report
+    from ..reporting.inspection import sizes_from_config
     from .loading import model_config
 
     if (adapter / AUDIT_FILE).is_file():
@@ -337,8 +337,8 @@ def _sizes_for(adapter: Path, adapter_config: dict, base_model) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from .audit import AUDIT_FILE, load_audit_report
-    from .inspection import format_selection, read_adapter_config, selection_summary
+    from ..reporting.audit import AUDIT_FILE, load_audit_report
+    from ..reporting.inspection import format_selection, read_adapter_config, selection_summary
 
     adapter = Path(args.adapter)
     config = read_adapter_config(adapter)
@@ -360,7 +360,7 @@ def cmd_inspect(args) -> int:
         print("no units selected (the request made no update)")
     print(format_selection(summary))
     if args.plot:
-        from .plots import plot_selection
+        from ..reporting.plots import plot_selection
 
         path = plot_selection(summary, args.plot, title=f"{adapter.name}: selected units")
         print(f"plot: {path}")

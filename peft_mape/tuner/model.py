@@ -31,7 +31,7 @@ class MAPEModel(BaseTuner):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from .requests import RequestState
+        from ..unlearning.successive import RequestState
 
         self.requests = RequestState()  # successive requests: their log and cached retain statistics
 
@@ -64,7 +64,7 @@ class MAPEModel(BaseTuner):
     def inject_adapter(self, model, adapter_name, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         # A loaded adapter records the base weights it was computed on: check them now, before
-        # its deltas are used on another model (see :func:`peft_mape.integrity.check_base_weights`).
+        # its deltas are used on another model (see :func:`peft_mape.tuner.integrity.check_base_weights`).
         config = self.peft_config.get(adapter_name)
         if config is not None and config.selection and config.base_fingerprint:
             try:
@@ -220,27 +220,27 @@ class MAPEModel(BaseTuner):
 
     def unlearn(self, forget, retain=None, method=None, *, holdout=None, forget_loss_target=None, selection=None,
                 adapter_name=None, forget_loss_before=None, **options):
-        from .unlearning.unlearn import unlearn
+        from ..unlearning.unlearn import unlearn
 
         return unlearn(self, forget, retain, method, holdout=holdout, forget_loss_target=forget_loss_target,
                        selection=selection, adapter_name=adapter_name, forget_loss_before=forget_loss_before,
                        **options)
 
     def unlearn_request(self, forget, retain=None, **kwargs):
-        """One of successive requests, into its own new adapter; see :func:`peft_mape.requests.unlearn_request`."""
-        from .requests import unlearn_request
+        """One of successive requests, into its own new adapter; see :func:`peft_mape.unlearning.successive.unlearn_request`."""
+        from ..unlearning.successive import unlearn_request
 
         return unlearn_request(self, forget, retain, **kwargs)
 
     def precompute_retain_statistics(self, retain, **kwargs):
-        """Cache retain statistics at the original weights; see :func:`peft_mape.requests.precompute_retain_statistics`."""
-        from .requests import precompute_retain_statistics
+        """Cache retain statistics at the original weights; see :func:`peft_mape.unlearning.successive.precompute_retain_statistics`."""
+        from ..unlearning.successive import precompute_retain_statistics
 
         return precompute_retain_statistics(self, retain, **kwargs)
 
     @property
     def request_log(self):
-        """The :class:`peft_mape.requests.RequestLog` of this model's erasure requests."""
+        """The :class:`peft_mape.unlearning.successive.RequestLog` of this model's erasure requests."""
         return self.requests.log
 
     @property
@@ -249,7 +249,7 @@ class MAPEModel(BaseTuner):
         return self.requests.retain_statistics
 
 def _unlearn_doc() -> str:
-    from .unlearning.unlearn import unlearn
+    from ..unlearning.unlearn import unlearn
 
     return unlearn.__doc__
 

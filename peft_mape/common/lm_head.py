@@ -3,9 +3,9 @@
 A causal LM's logits are ``head(decoder(...).last_hidden_state)``; a loss over answer tokens
 needs the vocabulary projection only where a label is not -100. Passing ``labels`` to a
 transformers model also makes it compute a second, full-vocabulary loss that nobody reads.
-:func:`scored_token_log_probs` runs the decoder, then the head on the scored positions alone:
-for SmolLM2-135M (49k vocabulary) a no-grad loss pass over TOFU forget05 on 2 CPU cores went
-from 28.8 s to 19.3 s (batches of 4), and the logits tensor no longer dominates memory.
+:func:`scored_token_log_probs` runs the decoder, then the head on the scored positions alone, so
+the [batch, tokens, vocabulary] logits tensor is never formed (it dominates time and memory of a
+small LM with a large vocabulary; measurements in the README).
 
 Only model families whose logits are exactly the output embedding of the decoder's last hidden
 state qualify (no logit soft-capping or scaling); any other model returns ``None`` and callers

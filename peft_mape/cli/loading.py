@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .files import read_json
+from ..common.files import read_json
 
 TASKS = ("classification", "causal-lm")
 # transformers architecture class-name endings, by task

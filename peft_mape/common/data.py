@@ -231,8 +231,6 @@ def make_loader(examples: list[Example], batch_size: int, pad_token_id: int = 0,
 
 # No-grad loss passes (report losses, early-stopping checks, the holdout target) need no
 # activations for a backward pass, so they run in larger, length-sorted batches than the update.
-# SmolLM2-135M's pass over TOFU forget05 (200 questions) on 2 CPU cores: 28.8 s in batches of 4,
-# 20.3 s length-sorted in batches of 32, 13.9 s with the answer-position head as well.
 MIN_EVAL_BATCH_SIZE = 32
 
 
@@ -299,7 +297,7 @@ def forward_with_losses(model, batch: dict, loss_fn: Optional[LossFn], *, need_o
     """Run the model on ``batch``; return its outputs and finite per-example losses [B].
 
     With the default loss and ``need_outputs=False``, a causal LM whose head allows it
-    (:mod:`peft_mape.lm_head`) projects only the answer positions onto the vocabulary and
+    (:mod:`peft_mape.common.lm_head`) projects only the answer positions onto the vocabulary and
     returns ``None`` for the outputs; the losses are the same numbers.
     """
     outputs = None

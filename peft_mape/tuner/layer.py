@@ -113,8 +113,8 @@ class MAPELayer(nn.Module, BaseTunerLayer):
 
         The update is x D^T (rows and columns alike), so example b's gradient is g_b^T x_b over
         its tokens: one small matmul per example, squared into the total at once. The forward and
-        backward keep their ordinary cost, and no [batch, *D.shape] tensor is formed (on CPU
-        that batched tensor and its squared sum over the batch cost about 6x more).
+        backward keep their ordinary cost, and no [batch, *D.shape] tensor is formed (that
+        tensor and its squared sum over the batch cost several times more).
         """
         records = [(x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1]))
                    for (x, _), g in zip(self._recorded[adapter_name], update_grads)]

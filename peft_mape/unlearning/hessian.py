@@ -29,8 +29,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from .data import per_example_losses, to_device
-from .modes import eval_mode
+from ..common.data import per_example_losses, to_device
+from ..common.modes import eval_mode
 
 SOLVERS = ("cg", "adam")
 Vector = list[torch.Tensor]

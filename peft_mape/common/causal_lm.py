@@ -1,6 +1,6 @@
 """Question/answer examples for causal language models: training data, answer scores, generations.
 
-The library's default per-example loss (:func:`peft_mape.data.default_per_example_loss`)
+The library's default per-example loss (:func:`peft_mape.common.data.default_per_example_loss`)
 averages the cross-entropy over each example's labels that are not -100. Examples built here
 label the prompt (and padding) -100, so that loss — and every ``unlearn()`` method — covers
 the answer tokens only, as TOFU does.
@@ -131,7 +131,7 @@ def build_qa_dataset(tokenizer, questions: Sequence[str], answers: Sequence[str]
 
     Columns ``input_ids``, ``attention_mask`` and ``labels``; labels are -100 on prompt tokens,
     so the per-example loss is the mean answer-token cross-entropy. Padding is left to the
-    collator (``peft_mape.data.pad_collate`` pads labels with -100).
+    collator (``peft_mape.common.data.pad_collate`` pads labels with -100).
     """
     import datasets
 

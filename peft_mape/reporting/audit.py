@@ -8,7 +8,7 @@ and the guarantee: **approximate** — the model was edited to behave like a ret
 not retrained, so no exactness is claimed (S3T deletions are the exact alternative).
 
 The forget-set fingerprint is the SHA-256 of the sorted per-example content hashes
-(:func:`peft_mape.data.fingerprint`: field names, shapes and values of the model-ready example,
+(:func:`peft_mape.common.data.fingerprint`: field names, shapes and values of the model-ready example,
 padding excluded), the same value as the request log's ``forget_set_hash``. It does not depend
 on the order of the examples; it does depend on tokenisation (the same texts tokenised
 differently are different examples to the model).
@@ -22,11 +22,11 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from .data import FORWARD_ALIASES, fingerprint, forward_arguments, materialise, set_fingerprint
-from .evaluation.suite import metric_gaps
+from ..common.data import FORWARD_ALIASES, fingerprint, forward_arguments, materialise, set_fingerprint
+from ..evaluation.suite import metric_gaps
 from .inspection import selection_summary
-from .report import UnlearnReport
-from .files import atomic_write, read_json
+from ..unlearning.report import UnlearnReport
+from ..common.files import atomic_write, read_json
 
 AUDIT_FILE = "audit_report.json"
 SCHEMA = "peft-mape/audit-report/1"
@@ -72,7 +72,7 @@ def build_audit_report(report: Union[UnlearnReport, dict], forget, *, model=None
             without it the usual model-input names are used.
         model_id: a name or path of the base model, recorded as given.
         architecture: ``{"num_layers", "num_heads", "num_filters"}`` for the selection summary
-            (see :func:`peft_mape.inspection.architecture_sizes`).
+            (see :func:`peft_mape.reporting.inspection.architecture_sizes`).
         metrics_*: flat metric dicts (e.g. :func:`peft_mape.evaluation.classification_metrics`)
             of the original model, the unlearned one and a retrained one.
     """

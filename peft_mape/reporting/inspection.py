@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .files import read_json
+from ..common.files import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 # transformers config attributes holding layer / head / FFN sizes, by family
@@ -53,7 +53,7 @@ def architecture_sizes(model) -> dict[str, int]:
 
     For a PeftModel with MAPE adapters, the active adapter's architecture overrides apply.
     """
-    from .architectures import resolve_architecture
+    from ..tuner.architectures import resolve_architecture
 
     tuner = getattr(model, "base_model", None)
     arch = tuner.architecture() if hasattr(tuner, "architecture") else resolve_architecture(model, None)

@@ -113,7 +113,7 @@ class MAPEConfig(PeftConfig):
         default="warn",
         metadata={
             "help": "What loading does when the base weights differ from the recorded fingerprint: 'warn', "
-            "'error' (raise peft_mape.integrity.BaseModelMismatch) or 'off'."
+            "'error' (raise peft_mape.tuner.integrity.BaseModelMismatch) or 'off'."
         },
     )
     weights_digest: Optional[str] = field(

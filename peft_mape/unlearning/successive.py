@@ -27,14 +27,14 @@ from typing import Optional
 
 import torch
 
-from .data import fingerprint, set_fingerprint
+from ..common.data import fingerprint, set_fingerprint
 from .report import UnlearnReport
-from .files import atomic_write
+from ..common.files import atomic_write
 from .statistics import RetainStatistics, mask_gradients
-from .unlearning.methods import DEFAULT_METHOD, LoopMethod, resolve_method
-from .unlearning.phases import request_scope
-from .unlearning.preparation import RunOptions, holdout_target, prepare
-from .unlearning.unlearn import split_options, unlearn_prepared
+from .methods import DEFAULT_METHOD, LoopMethod, resolve_method
+from .phases import request_scope
+from .preparation import RunOptions, holdout_target, prepare
+from .unlearn import split_options, unlearn_prepared
 
 MODES = ("memory_free", "memory_aided")
 LOG_FILE = "requests.json"

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import baselines
+from .lora import LORA_METHODS, lora_unlearn
+from .saliency import SALIENCY_METHODS, salun_unlearn
 
 SELECTIONS = {"mape": None, "full": "all", "random": "random"}
 
@@ -36,11 +37,11 @@ class MethodRun:
 
 def method_names() -> list[str]:
     """Every name :func:`run_method` accepts."""
-    from .unlearning import METHODS
+    from ..unlearning import METHODS
 
     names = [f"{family}-{rule}" for family in SELECTIONS for rule in METHODS]
-    names += [f"salun-{rule}" for rule in baselines.SALIENCY_METHODS]
-    names += [f"lora-{rule}" for rule in baselines.LORA_METHODS]
+    names += [f"salun-{rule}" for rule in SALIENCY_METHODS]
+    names += [f"lora-{rule}" for rule in LORA_METHODS]
     return names
 
 
@@ -60,15 +61,15 @@ def run_method(name: str, model, forget, retain=None, *, sparsity: float = 0.9, 
     if family in SELECTIONS:
         from peft import get_peft_model
 
-        from .config import MAPEConfig
+        from ..tuner.config import MAPEConfig
 
         config = MAPEConfig(sparsity=sparsity, **({"units": units} if units else {}))
         unlearned = get_peft_model(model, config)
         report = unlearned.unlearn(forget, retain, method=rule, selection=SELECTIONS[family], **kwargs).to_dict()
     elif family == "salun":
         unlearned = model
-        report = baselines.salun_unlearn(model, forget, retain, method=rule, **kwargs)
+        report = salun_unlearn(model, forget, retain, method=rule, **kwargs)
     else:
-        unlearned, report = baselines.lora_unlearn(model, forget, retain, method=rule, **kwargs)
+        unlearned, report = lora_unlearn(model, forget, retain, method=rule, **kwargs)
     report["method_name"] = name
     return MethodRun(name=name, model=unlearned, report=report, seconds=time.perf_counter() - clock)

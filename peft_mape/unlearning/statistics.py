@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import per_example_losses, to_device
-from .modes import eval_mode
-from .files import atomic_write
+from ..common.data import per_example_losses, to_device
+from ..common.modes import eval_mode
+from ..common.files import atomic_write
 
 UNIT_TYPES = ("heads", "filters")
 
@@ -135,7 +135,7 @@ class RetainStatistics:
     """Retain-side mask-search statistics at the original weights, reusable across requests.
 
     ``fingerprints[i]`` is the content hash of the example behind row ``i`` (see
-    :func:`peft_mape.data.fingerprint`), so rows of examples removed by later requests can be
+    :func:`peft_mape.common.data.fingerprint`), so rows of examples removed by later requests can be
     dropped (down-dated) without recomputing the rest.
     """
 

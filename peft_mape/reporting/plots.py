@@ -1,7 +1,7 @@
 """PNG plots of selections, metrics and request curves (matplotlib, Agg canvas, no pyplot state).
 
 - :func:`plot_selection`: selected heads (heads x layers heatmap) and selected filters per layer,
-  from a :func:`peft_mape.inspection.selection_summary` — what ``peft-mape inspect --plot`` draws;
+  from a :func:`peft_mape.reporting.inspection.selection_summary` — what ``peft-mape inspect --plot`` draws;
   :func:`plot_head_heatmap` / :func:`plot_filters_per_layer` draw one panel each.
 - :func:`plot_metric_bars`: grouped bars of metrics for original / retrain / each method.
 - :func:`plot_request_curves`: a metric after each of successive requests, one line per method.
@@ -110,7 +110,7 @@ def plot_selection(selection: dict, path, title: Optional[str] = None, *, num_la
                    num_heads: Optional[int] = None, num_filters: Optional[int] = None) -> Path:
     """Both panels side by side: the head heatmap and the filters per layer.
 
-    ``selection`` is a :func:`peft_mape.inspection.selection_summary`, or a raw selection
+    ``selection`` is a :func:`peft_mape.reporting.inspection.selection_summary`, or a raw selection
     ``{"heads": {layer: [...]}, "filters": {...}}`` (e.g. from an ``UnlearnReport``) with the
     model's sizes given as ``num_layers`` / ``num_heads`` / ``num_filters``.
     """
@@ -158,7 +158,7 @@ def _curve_series(curves, metric: str) -> dict[str, tuple]:
     series = {}
     for curve in curves:
         if isinstance(curve, Mapping):  # RequestCurve.to_dict()
-            from .evaluation.curves import RequestCurve
+            from ..evaluation.curves import RequestCurve
 
             curve = RequestCurve.from_dict(curve)
         series[curve.label] = curve.series(metric)

@@ -1,0 +1,1 @@
+"""Reports about a finished erasure: the audit report, selection summaries, plots."""
