@@ -28,11 +28,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import to_device
-from .lm_head import decoder_and_head, scored_token_log_probs, unwrap
+from .lm_head import (
+    decoder_and_head, gathered_log_probs, scatter_scored, scored_token_log_probs, shifted_log_probs, unwrap,
+)
 from .modes import eval_mode
 
 TEMPLATES = ("plain", "chat")
@@ -168,11 +169,8 @@ def answer_token_log_probs(model, batch: dict) -> torch.Tensor:
     log_p = scored_token_log_probs(model, batch)
     if log_p is not None:
         return log_p
-    targets = batch["labels"][:, 1:]
-    scored = targets != -100
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
-    picked = F.log_softmax(logits[scored].float(), dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    return shifted_log_probs(logits, batch["labels"])[0]
 
 
 def _right_pad(rows: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -273,8 +271,7 @@ def _shared_prompt_sums(parts, rows, counts, groups, batch_size, pad, device, pr
                                 position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
         predictors = torch.cat([hidden[owner].unsqueeze(1), answer_hidden[:, :-1]], dim=1)
         scored = answer_mask.bool()
-        log_p = F.log_softmax(head(predictors[scored]).float(), -1).gather(-1, answer_ids[scored].unsqueeze(-1))
-        sums = torch.zeros(answer_ids.shape, dtype=log_p.dtype, device=device).masked_scatter(scored, log_p.squeeze(-1))
+        sums = scatter_scored(gathered_log_probs(head(predictors[scored]), answer_ids[scored]), scored)
         total[members] = sums.sum(1).double().cpu().numpy()
     return total
 

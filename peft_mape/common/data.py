@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .lm_head import scored_token_log_probs
+from .lm_head import scored_token_log_probs, shifted_log_probs
 
 Example = dict[str, torch.Tensor]
 # Fill values when padding variable-length sequences; labels use the loss ignore index.
@@ -281,12 +281,8 @@ def default_per_example_loss(outputs, batch: dict) -> torch.Tensor:
             return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
         return F.cross_entropy(logits, labels.long(), reduction="none")
     if logits.dim() == 3 and labels.dim() == 2:
-        shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
-        token_loss = F.cross_entropy(
-            shifted_logits.transpose(1, 2), shifted_labels.long(), ignore_index=-100, reduction="none"
-        )
-        valid = (shifted_labels != -100).to(token_loss.dtype)
-        return (token_loss * valid).sum(1) / scored_token_counts(labels).to(token_loss.dtype)
+        log_p, _ = shifted_log_probs(logits, labels)
+        return -log_p.sum(1) / scored_token_counts(labels).to(log_p.dtype)
     raise ValueError(
         f"cannot derive per-example losses from logits of shape {tuple(logits.shape)} and labels of "
         f"shape {tuple(labels.shape)}; pass loss_fn(outputs, batch) -> tensor[batch]"

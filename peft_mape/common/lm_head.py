@@ -49,6 +49,24 @@ def decoder_and_head(model):
     return decoder, head
 
 
+def gathered_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row: ``logits`` [N, vocab], ``targets`` [N]; in at least fp32."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def scatter_scored(values: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """``values`` of the scored positions back in the mask's shape, 0 elsewhere."""
+    return torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
+
+
+def shifted_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label_t | tokens < t) [batch, length - 1] with 0 where not scored, the scored mask)
+    from token logits [batch, length, vocab] and labels [batch, length] (-100: not scored)."""
+    targets = labels[:, 1:]
+    scored = targets != -100
+    return scatter_scored(gathered_log_probs(logits[:, :-1][scored], targets[scored]), scored), scored
+
+
 def scored_token_log_probs(model, batch: dict) -> Optional[torch.Tensor]:
     """log p(label_t | tokens < t) on the scored tokens (shifted labels != -100), else 0.
 
@@ -63,7 +81,4 @@ def scored_token_log_probs(model, batch: dict) -> Optional[torch.Tensor]:
     targets = labels[:, 1:]
     scored = targets != -100
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
-    picked = head(hidden[:, :-1][scored])
-    log_p = F.log_softmax(picked.float(), dim=-1).gather(-1, targets[scored].long().unsqueeze(-1)).squeeze(-1)
-    out = torch.zeros(targets.shape, dtype=log_p.dtype, device=log_p.device)
-    return out.masked_scatter(scored, log_p)
+    return scatter_scored(gathered_log_probs(head(hidden[:, :-1][scored]), targets[scored]), scored)

@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.data import to_device
+from ..common.lm_head import shifted_log_probs
 from ..common.modes import eval_mode
 
 
@@ -30,10 +31,7 @@ def token_log_probs(model, loader, device=None, *, progress: bool = False,
             logits = model(**batch).logits.float()
             if logits.dim() != 3:
                 raise ValueError(f"expected token-level logits [batch, length, vocab], got {tuple(logits.shape)}")
-            targets = labels[:, 1:]
-            log_p = torch.log_softmax(logits[:, :-1], dim=-1)
-            picked = log_p.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            scored = targets != -100
+            picked, scored = shifted_log_probs(logits, labels)
             for row, keep in zip(picked.cpu(), scored.cpu()):
                 if not keep.any():
                     raise ValueError("an example has no scored token (every label is -100)")
