@@ -5,7 +5,8 @@
 2. For forget01 (40 questions about one author, a subset of forget05) and forget05 (200
    questions, ten authors): erase them from the original with MAPE-GA / GradDiff / NPO /
    influence and with the same methods over every head and filter (``selection="all"``, the
-   full-parameter counterparts), all through ``get_peft_model(...).unlearn(...)``.
+   full-parameter counterparts), all through ``peft_mape.baselines.run_method`` (that is,
+   ``get_peft_model(...).unlearn(...)``).
 3. Evaluate every model with the TOFU metrics (``peft_mape.evaluation.tofu``): answer
    probability, ROUGE-L recall and truth ratio on forget / retain / real_authors / world_facts,
    forget quality (KS-test p-value of the forget truth ratios against the retrained model) and
@@ -42,12 +43,12 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from peft import get_peft_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tofu_setup as setup  # noqa: E402
 
 import peft_mape  # noqa: E402
+from peft_mape.baselines import run_method as run_by_name  # noqa: E402
 from peft_mape.evaluation.tofu import evaluate_splits, swapped_answers, tofu_summary  # noqa: E402
 from peft_mape import METHODS as SUPPORTED_METHODS  # noqa: E402
 
@@ -212,7 +213,7 @@ def run_method(label, method, kwargs, *, shared_selection, forget_loss, forget_d
     ``forget_loss``: the original's forget loss measured by an earlier row (every row starts from
     the same original and forget set), so this row skips that pass.
     """
-    model = get_peft_model(load(), peft_mape.MAPEConfig(sparsity=args.sparsity, max_retain_examples=args.max_retain))
+    config = peft_mape.MAPEConfig(sparsity=args.sparsity, max_retain_examples=args.max_retain)
     kwargs = dict(kwargs, forget_loss_before=forget_loss)
     reused = 0.0
     if kwargs.get("selection") is None and shared_selection is not None:
@@ -228,12 +229,17 @@ def run_method(label, method, kwargs, *, shared_selection, forget_loss, forget_d
             kwargs.setdefault("lr", args.full_lr)
         if args.early_stop:
             kwargs["holdout"] = holdout_ds
+    family = "full" if kwargs.get("selection") == "all" else "mape"
+    if family == "full":
+        del kwargs["selection"]
+    model = load()
     start = time.perf_counter()
-    report = model.unlearn(forget_ds, retain_ds, method=method, batch_size=args.batch_size, seed=args.seed,
-                           progress=False, **kwargs)
+    run = run_by_name(f"{family}-{method}", model, forget_ds, retain_ds, config=config, batch_size=args.batch_size,
+                      seed=args.seed, progress=False, **kwargs)
     seconds = time.perf_counter() - start
+    report = peft_mape.UnlearnReport(**{k: v for k, v in run.report.items() if k != "method_name"})
     # Evaluate the merged weights: identical outputs, without the deltas' extra matmuls.
-    return model.merge_and_unload(), report, seconds, reused
+    return run.model.merge_and_unload(), report, seconds, reused
 
 
 def run_scenario(name, data, train_records, tokenizer, evaluator, baselines, args, load_original):

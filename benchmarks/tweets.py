@@ -40,7 +40,7 @@ import torch
 from peft import get_peft_model
 
 import peft_mape
-from peft_mape.baselines import lora_unlearn, salun_unlearn
+from peft_mape.baselines import run_method as run_by_name
 from peft_mape.common.data import make_eval_loader
 from peft_mape.evaluation import classification_metrics, relearning_attack, successive_request_curve
 
@@ -52,24 +52,23 @@ _spec = importlib.util.spec_from_file_location("demo_tweets", ROOT / "examples" 
 demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
 
-FULL = {"selection": "all"}
-# (row label, kind, keyword arguments). "mape" rows go through model.unlearn(); SO/influence get
+# (row label, peft_mape.baselines.run_method name, keyword arguments). SO/influence get
 # num_train_examples; loop methods get the scenario's stopping rule.
 METHODS = [
-    ("MAPE-GradDiff (default)", "mape", {}),
-    ("MAPE-GA", "mape", {"method": "ga"}),
-    ("MAPE-NPO", "mape", {"method": "npo"}),
-    ("MAPE-SO", "mape", {"method": "so"}),
-    ("MAPE-influence", "mape", {"method": "influence", "damping": 1.0, "solver_steps": 5,
-                                "hessian_examples": 64}),
-    ("random units (GradDiff)", "mape", {"selection": "random"}),
-    ("SalUn saliency (GradDiff)", "salun", {"method": "graddiff"}),
-    ("LoRA GA", "lora", {"method": "ga"}),
-    ("full SO", "mape", {"method": "so", **FULL}),
-    ("full GA", "mape", {"method": "ga", **FULL}),
-    ("full GradDiff", "mape", {"method": "graddiff", **FULL}),
-    ("full NPO", "mape", {"method": "npo", **FULL}),
+    ("MAPE-GradDiff (default)", f"mape-{peft_mape.DEFAULT_METHOD}", {}),
+    ("MAPE-GA", "mape-ga", {}),
+    ("MAPE-NPO", "mape-npo", {}),
+    ("MAPE-SO", "mape-so", {}),
+    ("MAPE-influence", "mape-influence", {"damping": 1.0, "solver_steps": 5, "hessian_examples": 64}),
+    ("random units (GradDiff)", "random-graddiff", {}),
+    ("SalUn saliency (GradDiff)", "salun-graddiff", {}),
+    ("LoRA GA", "lora-ga", {}),
+    ("full SO", "full-so", {}),
+    ("full GA", "full-ga", {}),
+    ("full GradDiff", "full-graddiff", {}),
+    ("full NPO", "full-npo", {}),
 ]
+FULL = {"selection": "all"}
 
 
 def parse_args(argv=None):
@@ -132,46 +131,48 @@ class Scenario:
         return {k: 100 * v if k.endswith("_acc") else v for k, v in m.items()}
 
 
-def run_method(scenario: Scenario, label, kind, kwargs, default_report, shared_search=None):
-    """One row: a fresh copy of the original, the method, its metrics and wall time.
+def run_method(scenario: Scenario, label, name, kwargs, default_report, shared_search=None):
+    """One row: a fresh copy of the original, the method (by its ``run_method`` name), its metrics
+    and wall time.
 
     ``shared_search`` (selection, forget loss, seconds) from an earlier MAPE row of this request
-    replaces the mask search of a MAPE row that would search; its seconds join the row's time.
+    replaces the mask search of a later "mape-" row; its seconds join the row's time.
     """
     kwargs = dict(kwargs)
-    model = copy.deepcopy(scenario.original)
+    family, _, rule = name.partition("-")
     seed = scenario.demo_args.seed
-    method = kwargs.get("method", peft_mape.DEFAULT_METHOD)
-    stopping = scenario.stopping(method)
-    reused = 0.0
-    if kind == "mape" and "selection" not in kwargs and shared_search is not None:
+    stopping = scenario.stopping(rule)
+    retain, config, reused = scenario.retain, None, 0.0
+    if family == "mape" and shared_search is not None:
         kwargs.update(selection=shared_search["selection"], forget_loss_before=shared_search["forget_loss"])
         reused = shared_search["seconds"]
+    if family in ("salun", "lora"):
+        retain = scenario.retain[: scenario.args.retain_sample]
+        stopping = {k: v for k, v in stopping.items() if k != "num_train_examples"}
+    else:
+        config = peft_mape.MAPEConfig(max_retain_examples=scenario.args.retain_sample)
+    if family == "salun":
+        # MAPE's exact parameter budget; if the default made no update, the same fraction of the
+        # projection weights that the sparsity leaves updatable.
+        budget = default_report["trainable_parameters"]
+        kwargs.update({"num_weights": budget} if budget else {"density": 1.0 - peft_mape.MAPEConfig().sparsity})
+    model = copy.deepcopy(scenario.original)
     with measure("cpu") as clock:
-        if kind == "mape":
-            model = get_peft_model(model, peft_mape.MAPEConfig(max_retain_examples=scenario.args.retain_sample))
-            report = model.unlearn(scenario.forget, scenario.retain, seed=seed, progress=False, **stopping, **kwargs)
-            info = {"heads": report.num_selected_heads, "filters": report.num_selected_filters,
-                    "trainable_parameters": report.trainable_parameters, "steps": report.steps,
-                    "update_norm": report.update_norm, "selection": {"heads": report.selected_heads,
-                                                                      "filters": report.selected_filters},
-                    "diagnostics": {k: v for k, v in report.diagnostics.items() if k != "forget_loss_trace"},
-                    "forget_loss_before": report.forget_loss_before,
-                    "search_seconds": report.seconds.get("statistics", 0.0) + report.seconds.get("search", 0.0),
-                    "searched": kind == "mape" and "selection" not in kwargs and report.num_selected_heads
-                    + report.num_selected_filters > 0}
-        else:
-            retain = scenario.retain[: scenario.args.retain_sample]
-            stopping = {k: v for k, v in stopping.items() if k != "num_train_examples"}
-            if kind == "salun":
-                # MAPE's exact parameter budget; if the default made no update, the same fraction
-                # of the projection weights that the sparsity leaves updatable.
-                budget = default_report["trainable_parameters"]
-                size = {"num_weights": budget} if budget else {"density": 1.0 - peft_mape.MAPEConfig().sparsity}
-                report = salun_unlearn(model, scenario.forget, retain, seed=seed, **size, **stopping, **kwargs)
-            else:
-                model, report = lora_unlearn(model, scenario.forget, retain, seed=seed, **stopping, **kwargs)
-            info = {"trainable_parameters": report["trainable_parameters"], "steps": report["steps"]}
+        run = run_by_name(name, model, scenario.forget, retain, config=config, seed=seed, progress=False,
+                          **stopping, **kwargs)
+    model, report = run.model, run.report
+    if family in ("salun", "lora"):
+        info = {"trainable_parameters": report["trainable_parameters"], "steps": report["steps"]}
+    else:
+        info = {"heads": report["num_selected_heads"], "filters": report["num_selected_filters"],
+                "trainable_parameters": report["trainable_parameters"], "steps": report["steps"],
+                "update_norm": report["update_norm"], "selection": {"heads": report["selected_heads"],
+                                                                     "filters": report["selected_filters"]},
+                "diagnostics": {k: v for k, v in report["diagnostics"].items() if k != "forget_loss_trace"},
+                "forget_loss_before": report["forget_loss_before"],
+                "search_seconds": report["seconds"].get("statistics", 0.0) + report["seconds"].get("search", 0.0),
+                "searched": family == "mape" and shared_search is None
+                and report["num_selected_heads"] + report["num_selected_filters"] > 0}
     row = {"method": label, **scenario.metrics(model), "seconds": clock.seconds + reused,
            "reused_search_seconds": reused, **info}
     return model, row
@@ -185,8 +186,8 @@ def run_scenario(scenario: Scenario, methods, relearn: bool):
     rows.append({"method": "retrain (gold)", **scenario.metrics(retrained), "seconds": meta["seconds"]})
     models["retrain (gold)"] = retrained
     default_report = shared_search = None
-    for label, kind, kwargs in methods:
-        model, row = run_method(scenario, label, kind, kwargs, default_report, shared_search)
+    for label, name, kwargs in methods:
+        model, row = run_method(scenario, label, name, kwargs, default_report, shared_search)
         if default_report is None:
             default_report = row
         if shared_search is None and row.get("searched"):

@@ -151,3 +151,22 @@ def test_retain_copies_of_forget_examples_are_dropped():
         report = salun_unlearn(tiny_model("bert"), forget, forget[:2] + tiny_examples("bert", 4, seed=2),
                                num_weights=10, method="graddiff", max_steps=1)
     assert report["num_retain"] == 4
+
+
+def test_run_method_takes_the_mape_config_and_a_shared_selection():
+    from peft_mape import MAPEConfig
+    from peft_mape.baselines.by_name import run_method
+
+    forget, retain = tiny_examples("bert", 6, seed=1), tiny_examples("bert", 8, seed=2)
+    searched = run_method("mape-ga", tiny_model("bert"), forget, retain, config=MAPEConfig(sparsity=0.5), lr=1e-2,
+                          max_steps=2, progress=False)
+    assert searched.report["sparsity"] == 0.5
+    selection = {"heads": searched.report["selected_heads"], "filters": searched.report["selected_filters"]}
+    reused = run_method("mape-graddiff", tiny_model("bert"), forget, retain, config=MAPEConfig(sparsity=0.5),
+                        selection=selection, lr=1e-2, max_steps=2, progress=False)
+    assert reused.report["selected_heads"] == selection["heads"]
+    assert reused.report["seconds"]["statistics"] == 0.0  # no mask search ran
+    with pytest.raises(ValueError, match="fixes its selection"):
+        run_method("full-ga", tiny_model("bert"), forget, retain, selection=selection)
+    with pytest.raises(ValueError, match="configures the MAPE families"):
+        run_method("lora-ga", tiny_model("bert"), forget, retain, config=MAPEConfig())

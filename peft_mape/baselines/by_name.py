@@ -15,6 +15,7 @@ standard, starts from a different model (the initialisation): :func:`peft_mape.b
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,14 +46,14 @@ def method_names() -> list[str]:
     return names
 
 
-def run_method(name: str, model, forget, retain=None, *, sparsity: float = 0.9, units: str | None = None,
-               **kwargs) -> MethodRun:
+def run_method(name: str, model, forget, retain=None, *, config=None, **kwargs) -> MethodRun:
     """Unlearn ``forget`` from ``model`` with the method called ``name``; see the module docstring.
 
     ``model`` is modified or wrapped in place — pass ``copy.deepcopy(original)`` to run several
-    methods from the same original. ``sparsity``/``units`` configure the MAPE families; other
-    keyword arguments go to ``unlearn()`` / the baseline function (``holdout``, ``lr``,
-    ``max_steps``, ``seed``, ``progress``, ...).
+    methods from the same original. ``config`` is the ``MAPEConfig`` of the MAPE families
+    (default ``MAPEConfig()``); a "mape-" run may take ``selection=`` (units another run's search
+    found). Other keyword arguments go to ``unlearn()`` / the baseline function (``holdout``,
+    ``lr``, ``max_steps``, ``seed``, ``progress``, ``sparsity``, ...).
     """
     family, _, rule = name.partition("-")
     if name not in method_names():
@@ -63,9 +64,13 @@ def run_method(name: str, model, forget, retain=None, *, sparsity: float = 0.9, 
 
         from ..tuner.config import MAPEConfig
 
-        config = MAPEConfig(sparsity=sparsity, **({"units": units} if units else {}))
-        unlearned = get_peft_model(model, config)
-        report = unlearned.unlearn(forget, retain, method=rule, selection=SELECTIONS[family], **kwargs).to_dict()
+        if family != "mape" and "selection" in kwargs:
+            raise ValueError(f"'{name}' fixes its selection ({SELECTIONS[family]!r}); selection= is for 'mape-' runs")
+        selection = kwargs.pop("selection", SELECTIONS[family])
+        unlearned = get_peft_model(model, copy.deepcopy(config) if config is not None else MAPEConfig())
+        report = unlearned.unlearn(forget, retain, method=rule, selection=selection, **kwargs).to_dict()
+    elif config is not None:
+        raise ValueError(f"config= configures the MAPE families, not '{name}'")
     elif family == "salun":
         unlearned = model
         report = salun_unlearn(model, forget, retain, method=rule, **kwargs)

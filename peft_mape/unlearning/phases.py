@@ -110,13 +110,13 @@ def mask_statistics(tuner, data: UnlearningData, objective: str,
         elif retain_statistics is not None:
             retain_grads = retain_statistics.per_example
             retain_loss = float(retain_statistics.losses[:REPORT_RETAIN].mean()) if len(retain_statistics) else None
-            data.notes.append(f"mask search used cached retain statistics ({len(retain_statistics)} examples)")
+            data.report_warnings.append(f"mask search used cached retain statistics ({len(retain_statistics)} examples)")
         elif data.retain_loader is not None:
             retain = mask_gradients(tuner, data.retain_loader, data.loss_fn, device=data.device,
                                     desc="retain statistics", progress=data.progress)
             retain_grads, retain_loss = retain.per_example, float(retain.losses[:REPORT_RETAIN].mean())
         else:
-            data.notes.append("no retain set: the mask search ranks units by the forget gradient alone")
+            data.report_warnings.append("no retain set: the mask search ranks units by the forget gradient alone")
             retain_grads = {k: torch.zeros(1, *v.shape[1:]) for k, v in forget.per_example.items()}
     return MaskStatistics(forget.per_example, retain_grads, float(forget.losses.mean()), retain_loss)
 
@@ -170,7 +170,7 @@ def train_size(data: UnlearningData, method: ClosedFormMethod) -> int:
     if method.num_train_examples is not None:
         return method.num_train_examples
     estimate = len(data.forget_examples) + data.retain_source_size
-    data.notes.append(f"num_train_examples not given; estimated as |forget| + |retain| = {estimate}")
+    data.report_warnings.append(f"num_train_examples not given; estimated as |forget| + |retain| = {estimate}")
     return estimate
 
 
@@ -185,13 +185,13 @@ def update(tuner, adapter_name: str, method: UnlearningMethod, data: UnlearningD
             context = ClosedFormContext(tuner=tuner, adapter_name=adapter_name, params=params, data=data,
                                         num_train_examples=train_size(data, method))
             step = method.step(context)
-            data.notes.extend(step.notes)
+            data.report_warnings.extend(step.report_warnings)
             return UpdateOutcome(steps=step.steps, diagnostics=dict(step.diagnostics,
                                                                     num_train_examples=context.num_train_examples))
         if not isinstance(method, LoopMethod):
             raise TypeError(f"method must be a LoopMethod or a ClosedFormMethod, got {type(method).__name__}")
         if target is None:
-            data.notes.append("no holdout/forget_loss_target: ran the full step budget without early stopping")
+            data.report_warnings.append("no holdout/forget_loss_target: ran the full step budget without early stopping")
         lr = method.step_size(full_parameter)
         loop = optimise(tuner.model, params, method, data.loop_data(), lr=lr, target=target,
                         initial_forget_loss=forget_loss_before, reference=lambda: tuner.muted([adapter_name]))
@@ -243,5 +243,5 @@ def build_report(tuner, adapter_name: str, method: UnlearningMethod, data: Unlea
         forget_loss_before=losses.forget_before, forget_loss_after=losses.forget_after,
         retain_loss_before=losses.retain_before, retain_loss_after=losses.retain_after, update_norm=update_norm,
         hyperparameters=hyperparameters, steps=outcome.steps, stopped_early=outcome.stopped_early,
-        forget_loss_target=losses.target, warnings=data.notes, diagnostics=outcome.diagnostics,
+        forget_loss_target=losses.target, warnings=data.report_warnings, diagnostics=outcome.diagnostics,
     )

@@ -100,7 +100,7 @@ class UnlearningData:
     retain_loader: Any = None
     train_loader: Any = None
     report_loader: Any = None
-    notes: list[str] = field(default_factory=list)
+    report_warnings: list[str] = field(default_factory=list)  # the report's ``warnings``
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     @property
@@ -153,7 +153,7 @@ def prepare(model, forget, retain=None, *, options: Optional[RunOptions] = None,
             validate_examples(forget_examples, "forget", needs_labels=needs_labels, model=model)
         retain_examples = materialise(retain, allowed, limit=int(max_retain_examples), seed=options.seed,
                                       what="retain")
-        notes: list[str] = []
+        report_warnings: list[str] = []
         if retain_examples:
             validate_examples(retain_examples, "retain", needs_labels=needs_labels, model=model)
             exclude = set(exclude)
@@ -161,18 +161,19 @@ def prepare(model, forget, retain=None, *, options: Optional[RunOptions] = None,
                 before = len(retain_examples)
                 retain_examples = [e for e in retain_examples if fingerprint(e) not in exclude]
                 if len(retain_examples) != before:
-                    notes.append(f"{before - len(retain_examples)} retain example(s) removed by earlier requests "
+                    report_warnings.append(f"{before - len(retain_examples)} retain example(s) removed by earlier requests "
                                  "were left out")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 retain_examples = drop_overlap(retain_examples, forget_examples)
             for w in caught:
-                notes.append(str(w.message))
+                report_warnings.append(str(w.message))
                 warnings.warn(w.message, UserWarning, stacklevel=3)
         device = next(model.parameters()).device
         data = UnlearningData(model=model, forget_examples=forget_examples, retain_examples=retain_examples,
                               options=options, device=device, pad_token_id=pad_token_id(model),
-                              retain_source_size=_source_size(retain, retain_examples), notes=notes, timer=timer)
+                              retain_source_size=_source_size(retain, retain_examples),
+                              report_warnings=report_warnings, timer=timer)
         _build_loaders(data)
     return data
 

@@ -106,7 +106,7 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
         if forget_before >= target:
             # The forget set already looks unseen (e.g. mislabelled examples the model never fit):
             # there is nothing to undo, so no statistics, selection or update.
-            data.notes.append(f"forget loss {forget_before:.4f} already >= target {target:.4f}: no update")
+            data.report_warnings.append(f"forget loss {forget_before:.4f} already >= target {target:.4f}: no update")
             losses = Measurements(forget_before, forget_before, target=target)
             return build_report(tuner, adapter_name, method, data, result=None,
                                 outcome=UpdateOutcome(stopped_early=True), losses=losses)

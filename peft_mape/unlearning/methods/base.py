@@ -46,11 +46,11 @@ class ClosedFormContext:
 
 @dataclass
 class StepResult:
-    """What a closed-form step reports: solver iterations, diagnostics and notes for the report."""
+    """What a closed-form step reports: solver iterations, diagnostics and warnings for the report."""
 
     steps: int = 0
     diagnostics: dict = dataclasses.field(default_factory=dict)
-    notes: list = dataclasses.field(default_factory=list)
+    report_warnings: list = dataclasses.field(default_factory=list)
 
 
 @dataclass

@@ -44,7 +44,7 @@ class Influence(ClosedFormMethod):
                             diagnostics={"relative_residual": solution.relative_residual,
                                          "negative_curvature": solution.negative_curvature})
         if solution.negative_curvature:
-            result.notes.append("influence CG stopped at a direction of negative curvature; raise damping")
+            result.report_warnings.append("influence CG stopped at a direction of negative curvature; raise damping")
         return result
 
     def validate(self) -> None:
