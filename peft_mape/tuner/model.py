@@ -100,7 +100,7 @@ class MAPEModel(BaseTuner):
             self.set_adapter(new_active)
         else:
             self.active_adapter = []
-        self.requests.forget(adapter_name)
+        self.requests.drop_record(adapter_name)
 
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError(

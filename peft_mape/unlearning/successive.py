@@ -113,7 +113,7 @@ class RequestState:
             else None
         return cls(log, statistics)
 
-    def forget(self, adapter_name: str) -> None:
+    def drop_record(self, adapter_name: str) -> None:
         """Drop the record of a deleted request adapter."""
         self.log.records = [r for r in self.log.records if r.name != adapter_name]
 
