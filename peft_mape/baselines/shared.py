@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Optional
 
 from ..common.loop import mean_loss
-from ..unlearning.methods import LoopMethod, resolve_method
+from ..unlearning.methods import LoopMethod
 from ..unlearning.preparation import UnlearningData, holdout_target, prepare
-from ..unlearning.unlearn import split_options
+from ..unlearning.unlearn import resolve_run
 
 
 def baseline_setup(model, forget, retain, method: str, choices, holdout, forget_loss_target, options: dict):
@@ -16,8 +16,7 @@ def baseline_setup(model, forget, retain, method: str, choices, holdout, forget_
     if method not in choices:
         raise ValueError(f"unknown method {method!r} for this baseline; choose one of {list(choices)}")
     options = {"progress": False, **options}
-    run, method_options = split_options(method, options)
-    loop_method = resolve_method(method, method_options, method)
+    run, loop_method = resolve_run(method, options, method)
     data = prepare(model, forget, retain, options=run)
     if loop_method.needs_retain and data.train_loader is None:
         raise ValueError(f"method '{method}' needs a non-empty retain set")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .lm_head import scored_token_log_probs, shifted_log_probs
+from .lm_head import scored_token_log_probs, shifted_log_probs, unwrap
 
 Example = dict[str, torch.Tensor]
 # Fill values when padding variable-length sequences; labels use the loss ignore index.
@@ -28,7 +28,7 @@ FORWARD_ALIASES = {"input_ids", "attention_mask", "token_type_ids", "position_id
 
 def forward_arguments(model: torch.nn.Module) -> set[str]:
     """Names the (base) model's forward accepts, to drop dataset columns such as ``text``."""
-    base = _base_model(model)
+    base = unwrap(model)
     try:
         params = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
@@ -103,16 +103,10 @@ def _split_batch(batch: dict, allowed: set[str]) -> list[Example]:
     return [{k: v[i] for k, v in tensors.items()} for i in range(size)]
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 def value_ranges(model: torch.nn.Module) -> dict[str, tuple[int, int, str]]:
     """Field -> (lowest, highest, what the range is) of the integer inputs ``model`` can take:
     token ids within its vocabulary, class labels within its classifier's labels."""
-    base = _base_model(model)
+    base = unwrap(model)
     ranges = {}
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     vocab = getattr(embeddings, "num_embeddings", None) or getattr(getattr(base, "config", None), "vocab_size", None)

@@ -18,8 +18,8 @@ from typing import Mapping
 
 import torch
 
-from .architectures import ROLE_ROWS
 from .config import BASE_CHECKS
+
 SLICES_PER_LAYER = 2
 SAMPLE_PER_LAYER = 4
 # Relative tolerance of the value sample when the base is loaded in another dtype (bf16 keeps ~3 digits).
@@ -30,27 +30,27 @@ class BaseModelMismatch(ValueError):
     """The adapter was computed on other base weights than the ones it is loaded onto."""
 
 
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's values as stored (any dtype, bf16 included)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over ``tensors`` in key order: names, dtypes, shapes and raw bytes."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        value = tensors[key].detach().cpu().contiguous()
+        value = tensors[key]
         digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(_raw_bytes(value))
     return digest.hexdigest()
 
 
 def _owned_base_slices(layer, adapter_name: str):
-    """The base weight's slices owned by the first few indices of ``adapter_name`` in ``layer``
-    ([k, in] for row-role layers, [out, k] for column-role ones), or None when not comparable."""
-    if adapter_name not in layer.mape_index or layer.merged:
+    """The base weight's slices at the first few indices ``adapter_name`` owns in ``layer``, or
+    None when not comparable (no delta there, merged, or weights not materialised)."""
+    if adapter_name not in layer.mape_index or layer.merged or layer.get_base_layer().weight.is_meta:
         return None
-    weight = layer.get_base_layer().weight
-    if weight.is_meta:
-        return None
-    index = layer.mape_index[adapter_name][:SLICES_PER_LAYER].to(weight.device)
-    dense = weight.detach().T if layer.is_conv1d else weight.detach()
-    return dense.index_select(0 if layer.role == ROLE_ROWS else 1, index)
+    return layer.owned_base_slices(adapter_name, SLICES_PER_LAYER)[0][2]
 
 
 def base_weights_fingerprint(tuner, adapter_name: str) -> dict:
@@ -64,7 +64,7 @@ def base_weights_fingerprint(tuner, adapter_name: str) -> dict:
             continue
         dtype = str(slices.dtype).removeprefix("torch.")
         digest.update(name.encode())
-        digest.update(slices.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(_raw_bytes(slices))
         sample.extend(float(v) for v in slices.reshape(-1)[:SAMPLE_PER_LAYER].float())
     return {"dtype": dtype, "digest": digest.hexdigest(), "sample": sample}
 

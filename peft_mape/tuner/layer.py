@@ -252,16 +252,18 @@ class MAPELayer(nn.Module, BaseTunerLayer):
             bias = self.mape_bias[adapter_name].detach() * sign
             base.bias.data.index_add_(0, index, bias.to(base.bias.dtype))
 
-    def _owned_base_slices(self, adapter_name: str) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-        """(tensor, axis, copy of the slices ``adapter_name`` owns) of the base weight and bias."""
+    def owned_base_slices(self, adapter_name: str, count: Optional[int] = None):
+        """[(tensor, axis, copy of its slices)] of the base weight and bias at the indices
+        ``adapter_name`` owns (the first ``count`` of them; default all), in storage layout."""
         base = self.get_base_layer()
-        index = self.mape_index[adapter_name]
+        index = self.mape_index[adapter_name][:count]
         axis = 0 if self.role == ROLE_ROWS else 1
         if self.is_conv1d:
             axis = 1 - axis
-        saved = [(base.weight.data, axis, base.weight.data.index_select(axis, index).clone())]
+        # index_select allocates: the slices are copies
+        saved = [(base.weight.data, axis, base.weight.data.index_select(axis, index))]
         if adapter_name in self.mape_bias:
-            saved.append((base.bias.data, 0, base.bias.data.index_select(0, index).clone()))
+            saved.append((base.bias.data, 0, base.bias.data.index_select(0, index)))
         return saved
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -271,7 +273,7 @@ class MAPELayer(nn.Module, BaseTunerLayer):
             # The owned slices before the merge: unmerging restores them exactly (subtracting the
             # delta again would leave float rounding in the base weights), and safe_merge puts
             # them back when the merged weight or bias is not finite.
-            saved = self._owned_base_slices(name)
+            saved = self.owned_base_slices(name)
             self._weight_delta(name, 1.0)
             if safe_merge and not all(torch.isfinite(t.index_select(axis, self.mape_index[name])).all()
                                       for t, axis, _ in saved):

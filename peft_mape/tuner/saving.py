@@ -10,7 +10,7 @@ text, other adapters, ``checkpoint-*`` folders of a Trainer run — are never mo
 deleted. ``is_main_process=False`` writes nothing, as in PEFT.
 
 The request log and cached retain statistics of successive requests are staged and moved the
-same way (see ``requests.py``).
+same way (see ``peft_mape/unlearning/successive.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path
 
 from peft import PeftModel
 
-
 STAGING_PREFIX = ".mape-save-"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -37,18 +36,15 @@ def _has_mape(model) -> bool:
     return any(isinstance(c, MAPEConfig) for c in getattr(model, "peft_config", {}).values())
 
 
-def publish_files(staging: Path, target: Path) -> list[Path]:
+def publish_files(staging: Path, target: Path) -> None:
     """Move every file under ``staging`` to the same relative path under ``target``, one
-    ``os.replace`` each; adapter configs go last in each folder. Returns the paths written."""
+    ``os.replace`` each; adapter configs go last in each folder."""
     files = sorted((p for p in staging.rglob("*") if p.is_file()),
                    key=lambda p: (p.name == CONFIG_FILE, len(p.relative_to(staging).parts), str(p)))
-    written = []
     for source in files:
         destination = target / source.relative_to(staging)
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, destination)
-        written.append(destination)
-    return written
 
 
 def record_weights_digest(config_path: Path) -> None:

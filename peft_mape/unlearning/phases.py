@@ -1,11 +1,11 @@
 """The phases of one unlearning request, callable on their own.
 
-    prepare (``prepare.py``) -> statistics -> search -> apply selection -> update -> measure
+    prepare (``preparation.py``) -> statistics -> search -> apply selection -> update -> measure
 
 :func:`peft_mape.unlearning.unlearn.unlearn` composes them. Callers that reuse a phase's result
 call the phases directly: successive memory-aided requests feed cached retain statistics to
-:func:`mask_search`, a benchmark runs one :func:`mask_search` and then several updates from the
-same original. Every phase reads the request's :class:`UnlearningData` and adds its seconds to
+:func:`mask_statistics`; a caller can run one :func:`mask_search` and then several updates from
+the same original. Every phase reads the request's :class:`UnlearningData` and adds its seconds to
 the data's phase timer.
 """
 
@@ -18,13 +18,13 @@ from typing import Optional
 
 import torch
 
+from ..common.loop import optimise
 from ..tuner.architectures import selected_units, unit_param_counts
+from .methods.base import ClosedFormContext, ClosedFormMethod, LoopMethod, UnlearningMethod
+from .preparation import REPORT_RETAIN, UnlearningData
 from .report import UnlearnReport
 from .search import SearchResult, random_selection, search_units
 from .statistics import RetainStatistics, mask_gradients
-from .methods.base import ClosedFormContext, ClosedFormMethod, LoopMethod, UnlearningMethod
-from ..common.loop import optimise
-from .preparation import REPORT_RETAIN, UnlearningData
 
 
 @dataclass

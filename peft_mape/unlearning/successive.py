@@ -25,16 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ..common.data import fingerprint, set_fingerprint
-from .report import UnlearnReport
 from ..common.files import atomic_write
+from .report import UnlearnReport
 from .statistics import RetainStatistics, mask_gradients
-from .methods import DEFAULT_METHOD, LoopMethod, resolve_method
 from .phases import request_scope
-from .preparation import RunOptions, holdout_target, prepare
-from .unlearn import split_options, unlearn_prepared
+from .preparation import RunOptions, prepare
+from .unlearn import prepare_request, resolve_run, unlearn_prepared
 
 MODES = ("memory_free", "memory_aided")
 LOG_FILE = "requests.json"
@@ -157,8 +154,7 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     holdout = unlearn_options.pop("holdout", None)
     target = unlearn_options.pop("forget_loss_target", None)
     selection = unlearn_options.pop("selection", None)
-    run, method_options = split_options(method, unlearn_options)
-    chosen = resolve_method(method, method_options, DEFAULT_METHOD)
+    run, chosen = resolve_run(method, unlearn_options)
     name = name or f"request-{len(state.log) + 1}"
     if name in tuner.peft_config:
         raise ValueError(f"an adapter named '{name}' already exists; pass another name=")
@@ -182,11 +178,8 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
     try:
         with request_scope(tuner, name, overrides, run.fold_other_adapters):
-            torch.manual_seed(run.seed)
-            data = prepare(tuner.model, forget, retain, options=run, exclude=removed,
-                           max_retain_examples=config.max_retain_examples)
-            if isinstance(chosen, LoopMethod) and target is None and holdout is not None:
-                target = holdout_target(data, holdout, config.max_retain_examples)
+            data, target = prepare_request(tuner, name, forget, retain, run, chosen, holdout=holdout, target=target,
+                                           exclude=removed)
             report = unlearn_prepared(tuner, name, chosen, data, target=target, selection=selection,
                                       retain_statistics=statistics)
     except BaseException:

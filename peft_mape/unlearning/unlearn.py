@@ -10,8 +10,7 @@ import torch
 from ..common.data import fingerprint
 from .report import UnlearnReport
 from .statistics import RetainStatistics
-from .methods import DEFAULT_METHOD, LoopMethod, option_names, resolve_method
-from .methods.base import METHODS
+from .methods import DEFAULT_METHOD, LoopMethod, UnlearningMethod, resolve_method
 from .phases import (
     Measurements, UpdateOutcome, adapter_to_fill, apply_selection, build_report, fixed_selection, mask_search,
     mask_statistics, measure, request_scope, update,
@@ -19,20 +18,24 @@ from .phases import (
 from .preparation import RUN_OPTION_NAMES, RunOptions, UnlearningData, holdout_target, prepare
 
 
-def split_options(method, options: dict) -> tuple[RunOptions, dict]:
-    """Keyword options of ``unlearn()``: the run's (:class:`RunOptions`) and the method's; anything
-    else is an error naming the method's options and the run options."""
+def resolve_run(method, options: dict, default: str = DEFAULT_METHOD) -> tuple[RunOptions, UnlearningMethod]:
+    """Keyword options of ``unlearn()`` split into the run's (:class:`RunOptions`) and the method's,
+    and the method instance; an option neither has is an error naming both sets."""
     run = {k: v for k, v in options.items() if k in RUN_OPTION_NAMES}
     method_options = {k: v for k, v in options.items() if k not in RUN_OPTION_NAMES}
-    cls = METHODS.get(method) if isinstance(method, str) else type(method) if method is not None else None
-    if cls is not None:
-        unknown = sorted(set(method_options) - set(option_names(cls)))
-        if unknown:
-            raise ValueError(
-                f"method '{cls.name}' has no option {', '.join(map(repr, unknown))}; its options are: "
-                f"{', '.join(option_names(cls))}; options of every run: {', '.join(RUN_OPTION_NAMES)}"
-            )
-    return RunOptions(**run), method_options
+    return RunOptions(**run), resolve_method(method, method_options, default, RUN_OPTION_NAMES)
+
+
+def prepare_request(tuner, adapter_name: str, forget, retain, run: RunOptions, method: UnlearningMethod, *,
+                    holdout=None, target: Optional[float] = None, exclude=()) -> tuple[UnlearningData, Optional[float]]:
+    """Seed, prepare the request's data (leaving ``exclude``d examples out of the retain sample)
+    and, for loop methods given a ``holdout`` and no ``target``, measure the stopping target."""
+    max_retain = tuner.peft_config[adapter_name].max_retain_examples
+    torch.manual_seed(run.seed)
+    data = prepare(tuner.model, forget, retain, options=run, exclude=exclude, max_retain_examples=max_retain)
+    if isinstance(method, LoopMethod) and target is None and holdout is not None:
+        target = holdout_target(data, holdout, max_retain)
+    return data, target
 
 
 def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_loss_target: Optional[float] = None,
@@ -68,18 +71,14 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
     On any exception the adapter is restored to its previous (empty) state; base weights and
     other adapters are never written.
     """
-    run, method_options = split_options(method, options)
-    chosen = resolve_method(method, method_options, DEFAULT_METHOD)
+    run, chosen = resolve_run(method, options)
     name = adapter_to_fill(tuner, adapter_name)
     if forget_loss_before is not None and not math.isfinite(forget_loss_before):
         raise ValueError(f"forget_loss_before must be a finite number, got {forget_loss_before}")
     overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
-    with request_scope(tuner, name, overrides, run.fold_other_adapters) as config:
-        torch.manual_seed(run.seed)
-        data = prepare(tuner.model, forget, retain, options=run, max_retain_examples=config.max_retain_examples)
-        target = forget_loss_target
-        if isinstance(chosen, LoopMethod) and target is None and holdout is not None:
-            target = holdout_target(data, holdout, config.max_retain_examples)
+    with request_scope(tuner, name, overrides, run.fold_other_adapters):
+        data, target = prepare_request(tuner, name, forget, retain, run, chosen, holdout=holdout,
+                                       target=forget_loss_target)
         return unlearn_prepared(tuner, name, chosen, data, target=target, selection=selection,
                                 forget_loss_before=forget_loss_before)
 

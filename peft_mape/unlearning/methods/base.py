@@ -94,9 +94,10 @@ def option_names(cls: type[UnlearningMethod]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def resolve_method(method, options: dict, default: str) -> UnlearningMethod:
+def resolve_method(method, options: dict, default: str, other_options: tuple = ()) -> UnlearningMethod:
     """The method instance for ``method`` (a registered name, an instance, or None for ``default``)
-    with ``options`` applied; an option the method does not have is a clear error."""
+    with ``options`` applied; an option the method does not have is a clear error, which also
+    lists ``other_options`` (what the caller accepts beside the method's own)."""
     if method is None:
         method = default
     if isinstance(method, str):
@@ -111,6 +112,7 @@ def resolve_method(method, options: dict, default: str) -> UnlearningMethod:
                         f"got {type(method).__name__}")
     unknown = sorted(set(options) - set(option_names(cls)))
     if unknown:
+        also = f"; options of every run: {', '.join(other_options)}" if other_options else ""
         raise ValueError(f"method '{cls.name}' has no option {', '.join(map(repr, unknown))}; its options are: "
-                         f"{', '.join(option_names(cls))}")
+                         f"{', '.join(option_names(cls))}{also}")
     return dataclasses.replace(base, **options) if base is not None else cls(**options)
