@@ -3,7 +3,8 @@
 ``import peft_mape`` adds ``PeftType.MAPE`` and registers :class:`MAPEConfig` /
 :class:`MAPEModel`, so ``get_peft_model(model, MAPEConfig())`` returns a PeftModel whose
 ``unlearn(forget, retain)`` erases the forget set by updating only a few attention heads and
-FFN filters, and whose adapters save and load like any PEFT adapter.
+FFN filters, and whose adapters save and load like any PEFT adapter. Nothing in PEFT is
+replaced: MAPE's saving and loading go through PEFT's own tuner and config hooks.
 """
 
 from .tuner.config import MAPEConfig
@@ -12,12 +13,10 @@ from .tuner.model import MAPEModel
 from .tuner.registration import ensure_peft_type, register_mape
 from .unlearning.report import UnlearnReport
 from .unlearning.successive import RequestLog, load_requests
-from .tuner.saving import install_atomic_save
 from . import methods
 from .unlearning import DEFAULT_METHOD, METHODS, unlearn
 
 register_mape(MAPEConfig, MAPEModel)
-install_atomic_save()
 
 __all__ = ["MAPEConfig", "MAPEModel", "MAPELayer", "UnlearnReport", "RequestLog", "load_requests", "METHODS",
            "DEFAULT_METHOD", "ensure_peft_type", "methods", "unlearn"]

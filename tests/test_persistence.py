@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -152,20 +151,72 @@ def test_reload_in_a_fresh_process(tmp_path):
     assert "fresh-process reload ok" in done.stdout
 
 
-def test_save_is_atomic(tmp_path, monkeypatch):
-    model, _ = _unlearned("bert", tmp_path)
+def test_failed_or_interrupted_save_never_loads_a_wrong_model(tmp_path, monkeypatch):
+    model, base_dir = _unlearned("bert", tmp_path)
     target = tmp_path / "adapter"
     model.save_pretrained(target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     import peft.peft_model as peft_model_module
+    from safetensors.torch import save_file
 
-    def broken_save_file(*args, **kwargs):
+    real_save_file = peft_model_module.safe_save_file
+
+    def failing_save_file(*args, **kwargs):
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(peft_model_module, "safe_save_file", broken_save_file)
+    # A write that fails before any byte is written leaves the folder as it was.
+    monkeypatch.setattr(peft_model_module, "safe_save_file", failing_save_file)
     with pytest.raises(OSError, match="injected"):
         model.save_pretrained(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter")] == []
-    assert os.path.isdir(target)
+
+    # A save interrupted after the new weights were written (process killed before the config):
+    # the old config's digest no longer matches, so loading refuses the pair.
+    with torch.no_grad():
+        model.base_model.adapter_parameters("default")[0].add_(1.0)
+
+    def weights_then_crash(tensors, path, *args, **kwargs):
+        real_save_file(tensors, path, *args, **kwargs)
+        raise KeyboardInterrupt("killed after the weights (injected)")
+
+    monkeypatch.setattr(peft_model_module, "safe_save_file", weights_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    assert (target / "adapter_config.json").read_bytes() == before["adapter_config.json"]
+    with pytest.raises(ValueError, match="does not match adapter_config.json"):
+        PeftModel.from_pretrained(_load_base("bert", base_dir), target)
+
+    # Killed half-way through the weights file: a truncated file is an error too.
+    def truncated(tensors, path, *args, **kwargs):
+        save_file(tensors, path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise KeyboardInterrupt("killed inside the weights file (injected)")
+
+    monkeypatch.setattr(peft_model_module, "safe_save_file", truncated)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    with pytest.raises(Exception, match="(?i)header|incomplete|invalid|deserializ|does not match"):
+        PeftModel.from_pretrained(_load_base("bert", base_dir), target)
+
+    # No leftovers from the config's temporary files.
+    assert [p.name for p in target.rglob(".*")] == []
+
+
+def test_importing_peft_mape_replaces_nothing_in_peft():
+    script = textwrap.dedent("""
+        import peft
+        from peft import PeftModel, PeftConfig
+        before = {name: getattr(PeftModel, name) for name in dir(PeftModel) if callable(getattr(PeftModel, name))}
+        config_save = PeftConfig.save_pretrained
+        import peft_mape
+        after = {name: getattr(PeftModel, name) for name in dir(PeftModel) if callable(getattr(PeftModel, name))}
+        assert before == after, sorted(k for k in before if before[k] is not after.get(k))
+        assert PeftConfig.save_pretrained is config_save
+        print("untouched")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "untouched" in done.stdout

@@ -98,11 +98,12 @@ def test_cached_statistics_down_date_to_a_fresh_computation(memorised, tmp_path)
     assert down.fingerprints == expected.fingerprints
     for kind in ("heads", "filters"):
         assert torch.allclose(down.per_example[kind], expected.per_example[kind], rtol=1e-5, atol=1e-7)
-    stats.save(tmp_path / "stats.safetensors")
-    with safe_open(str(tmp_path / "stats.safetensors"), framework="pt") as handle:
-        assert set(handle.keys()) == {"per_example.heads", "per_example.filters", "losses"}
-    loaded = RetainStatistics.load(tmp_path / "stats.safetensors")
+    tensors = stats.to_tensors()
+    assert set(tensors) == {"per_example.heads", "per_example.filters", "losses", "fingerprints"}
+    loaded = RetainStatistics.from_tensors(tensors)
     assert loaded.fingerprints == stats.fingerprints and torch.equal(loaded.losses, stats.losses)
+    with pytest.raises(ValueError, match="malformed"):
+        RetainStatistics.from_tensors({**tensors, "losses": tensors["losses"][:-1]})
 
 
 def test_two_request_adapters_save_reload_and_act_together(memorised, tmp_path):
@@ -113,7 +114,11 @@ def test_two_request_adapters_save_reload_and_act_together(memorised, tmp_path):
     expected = _logits(model, forget + retain[:4])
     model.save_pretrained(tmp_path / "requests")
     files = {p.name for p in (tmp_path / "requests").iterdir()}
-    assert {"requests.json", "retain_statistics.safetensors", "erase-a", "erase-b"} <= files
+    # Only the files PEFT writes: records in the request adapters' configs, the cached statistics
+    # in the weights file of the adapter they were computed for ("default").
+    assert files == {"adapter_config.json", "adapter_model.safetensors", "README.md", "erase-a", "erase-b"}
+    with safe_open(str(tmp_path / "requests" / "adapter_model.safetensors"), framework="pt") as handle:
+        assert any(k.startswith("mape_retain_statistics.") for k in handle.keys())
 
     base_dir = tmp_path / "base"
     memorised[0].save_pretrained(base_dir)
@@ -186,3 +191,25 @@ def test_half_precision_layers_do_not_fold():
     tuner = model.base_model
     tuner.apply_selection("default", {"heads": {"0": [1]}, "filters": {"0": [2]}})
     assert all(layer.fold(["default"]) == frozenset() for _, layer in tuner.mape_layers())
+
+
+def test_cached_statistics_follow_a_deleted_owner_and_records_follow_their_adapter(memorised, tmp_path):
+    model, forget, retain = _peft(memorised)
+    model.precompute_retain_statistics(forget + retain, progress=False)
+    model.unlearn_request(forget[:3], forget + retain, name="erase-a", mode="memory_aided", **SO)
+    tuner = model.base_model
+    assert tuner.requests.statistics_adapter == "default"
+    model.delete_adapter("default")  # the adapter whose weights file stored the statistics
+    assert tuner.requests.statistics_adapter == "erase-a"
+    model.save_pretrained(tmp_path / "saved", selected_adapters=["erase-a"])
+    base_dir = tmp_path / "base"
+    memorised[0].save_pretrained(base_dir)
+    base = T.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    from peft import PeftModel
+
+    # Loaded under another name, the record is named after the adapter that holds it.
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "saved" / "erase-a", adapter_name="renamed")
+    assert reloaded.request_log.names() == ["renamed"]
+    stats = reloaded.base_model.retain_statistics
+    assert stats is not None and stats.fingerprints == tuner.retain_statistics.fingerprints
+    assert reloaded.base_model.requests.statistics_adapter == "renamed"

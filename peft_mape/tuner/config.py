@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -123,6 +124,13 @@ class MAPEConfig(PeftConfig):
             "is loaded, so a corrupt or mismatched file is an error."
         },
     )
+    request_record: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Written by unlearn_request(): what the erasure request held by this adapter did (hashes of the "
+            "removed examples, never their contents). Saved and loaded with the adapter; see model.request_log."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -146,7 +154,23 @@ class MAPEConfig(PeftConfig):
             raise ValueError(f"base_fingerprint must be a dict or None, got {self.base_fingerprint!r}")
         if self.weights_digest is not None and not isinstance(self.weights_digest, str):
             raise ValueError(f"weights_digest must be a string or None, got {self.weights_digest!r}")
+        if isinstance(self.target_modules, str):
+            try:  # PEFT matches it against module names while loading, before our own targets apply
+                re.compile(self.target_modules)
+            except re.error as error:
+                raise ValueError(f"target_modules is not a valid regular expression ({error}): "
+                                 f"{self.target_modules[:80]!r}...") from None
+        if self.request_record is not None and not isinstance(self.request_record, dict):
+            raise ValueError(f"request_record must be a dict or None, got {self.request_record!r}")
         _check_int("max_retain_examples", self.max_retain_examples, minimum=1)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's config save, written through a temporary file and one rename, with the digest of
+        the weights file beside it: ``PeftModel.save_pretrained`` writes the weights first and the
+        config last, so an interrupted save leaves a mismatched pair that the loader refuses."""
+        from .saving import save_config
+
+        save_config(save_directory, super().save_pretrained, **kwargs)
 
 
 def _check_choice(name: str, value, choices) -> None:

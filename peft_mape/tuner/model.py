@@ -16,6 +16,16 @@ from .layer import MAPELayer
 from .registration import MAPE_PREFIX
 
 
+STATISTICS_PREFIX = "mape_retain_statistics."  # keys of the cached retain statistics in a weights file
+
+
+def _tuner_of(model):
+    """The tuner inside a PeftModel (PEFT's hooks receive either)."""
+    from peft import PeftModel
+
+    return model.base_model if isinstance(model, PeftModel) else model
+
+
 class MAPEModel(BaseTuner):
     """Wraps every Q/K/V/O and FFN projection of a Transformer in a :class:`MAPELayer`.
 
@@ -33,7 +43,7 @@ class MAPEModel(BaseTuner):
         super().__init__(*args, **kwargs)
         from ..unlearning.successive import RequestState
 
-        self.requests = RequestState()  # successive requests: their log and cached retain statistics
+        self.requests = RequestState()  # successive requests: the cached retain statistics
 
     def architecture(self, adapter_name: str | None = None) -> Architecture:
         """The resolved unit structure, using the adapter config's overrides."""
@@ -100,7 +110,8 @@ class MAPEModel(BaseTuner):
             self.set_adapter(new_active)
         else:
             self.active_adapter = []
-        self.requests.drop_record(adapter_name)
+        if self.requests.statistics_adapter == adapter_name:  # the statistics stay; another file stores them
+            self.requests.statistics_adapter = new_active[0] if new_active else None
 
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError(
@@ -108,6 +119,18 @@ class MAPEModel(BaseTuner):
             "selection of units. Activate several requests together instead (their deltas add): "
             "model.base_model.set_adapter(['request-1', 'request-2']), then merge_and_unload() if one model is needed"
         )
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's adapter state dict, plus the cached retain statistics of successive requests
+        when ``adapter_name`` is the adapter that stores them: so ``save_pretrained`` keeps them
+        in a file it writes anyway, with nothing in PEFT replaced."""
+        tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        requests = getattr(_tuner_of(model), "requests", None)
+        if requests is not None and requests.retain_statistics is not None \
+                and requests.statistics_adapter == adapter_name:
+            tensors.update({STATISTICS_PREFIX + k: v for k, v in requests.retain_statistics.to_tensors().items()})
+        return tensors
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -119,7 +142,7 @@ class MAPEModel(BaseTuner):
         from the one recorded in ``adapter_config.json`` when the adapter was saved.
         """
         try:
-            return cls._checked_state_dict(model, config, adapter_name, state_dict)
+            remapped, statistics = cls._checked_state_dict(model, config, adapter_name, state_dict)
         except ValueError:
             # A failed load leaves the adapter's zero deltas behind: drop them (and the adapter,
             # when another one remains) so the model is as it was before the load.
@@ -131,6 +154,10 @@ class MAPEModel(BaseTuner):
             else:
                 tuner._discard_adapter_storage(adapter_name)
             raise
+        tuner = _tuner_of(model)
+        if statistics is not None and isinstance(tuner, MAPEModel):
+            tuner.requests.retain_statistics, tuner.requests.statistics_adapter = statistics, adapter_name
+        return remapped
 
     @classmethod
     def _checked_state_dict(cls, model, config, adapter_name, state_dict):
@@ -142,6 +169,16 @@ class MAPEModel(BaseTuner):
                     f"adapter '{adapter_name}': the weights file does not match adapter_config.json (weights digest "
                     f"{digest[:12]}..., recorded {str(recorded)[:12]}...): the file is corrupt or from another save"
                 )
+        stored = {k[len(STATISTICS_PREFIX):]: v for k, v in state_dict.items() if k.startswith(STATISTICS_PREFIX)}
+        statistics = None
+        if stored:
+            from ..unlearning.statistics import RetainStatistics
+
+            try:
+                statistics = RetainStatistics.from_tensors(stored)
+            except ValueError as error:
+                raise ValueError(f"adapter '{adapter_name}': {error}") from None
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(STATISTICS_PREFIX)}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = {k: v for k, v in model.state_dict().items()
                     if k.endswith(f".{adapter_name}") and f".{MAPE_PREFIX}" in k}
@@ -168,7 +205,7 @@ class MAPEModel(BaseTuner):
             elif not value.dtype.is_floating_point or not torch.isfinite(value).all():
                 raise ValueError(f"adapter '{adapter_name}': {key} is not a finite floating-point tensor "
                                  f"(dtype {value.dtype})")
-        return remapped
+        return remapped, statistics
 
     def mape_layers(self) -> Iterator[tuple[str, MAPELayer]]:
         for name, module in self.model.named_modules():
@@ -240,8 +277,11 @@ class MAPEModel(BaseTuner):
 
     @property
     def request_log(self):
-        """The :class:`peft_mape.unlearning.successive.RequestLog` of this model's erasure requests."""
-        return self.requests.log
+        """The :class:`peft_mape.unlearning.successive.RequestLog` of this model's erasure requests
+        (the records held by the request adapters' configs)."""
+        from ..unlearning.successive import RequestLog
+
+        return RequestLog.from_configs(self.peft_config)
 
     @property
     def retain_statistics(self):

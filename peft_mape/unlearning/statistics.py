@@ -11,17 +11,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..common.data import per_example_losses, to_device
 from ..common.modes import eval_mode
-from ..common.files import atomic_write
 
 UNIT_TYPES = ("heads", "filters")
 
@@ -160,17 +156,24 @@ class RetainStatistics:
     def __len__(self) -> int:
         return len(self.fingerprints)
 
-    def save(self, path) -> None:
-        """Write a safetensors file (tensors; fingerprints in the metadata), atomically."""
-        tensors = {f"per_example.{k}": v.contiguous() for k, v in self.per_example.items()}
-        tensors["losses"] = self.losses.contiguous()
-        metadata = {"fingerprints": json.dumps(self.fingerprints)}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The statistics as named tensors (fingerprints as their 32 raw bytes per row), to be
+        stored in an adapter's weights file."""
+        tensors = {f"per_example.{k}": v.detach().cpu().contiguous() for k, v in self.per_example.items()}
+        tensors["losses"] = self.losses.detach().cpu().contiguous()
+        raw = b"".join(bytes.fromhex(f) for f in self.fingerprints)
+        tensors["fingerprints"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(len(self.fingerprints), -1)
+        return tensors
 
     @classmethod
-    def load(cls, path) -> "RetainStatistics":
-        with safe_open(str(path), framework="pt") as handle:
-            fingerprints = json.loads(handle.metadata()["fingerprints"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "RetainStatistics":
+        """Inverse of :meth:`to_tensors`; ``ValueError`` when the tensors do not fit together."""
         per_example = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("per_example.")}
-        return cls(per_example, tensors["losses"], fingerprints)
+        losses, fingerprints = tensors.get("losses"), tensors.get("fingerprints")
+        rows = {len(v) for v in per_example.values()}
+        if (set(per_example) != set(UNIT_TYPES) or losses is None or fingerprints is None
+                or fingerprints.dtype != torch.uint8 or fingerprints.dim() != 2 or rows != {len(losses)}
+                or len(fingerprints) != len(losses)):
+            raise ValueError(f"cached retain statistics are malformed: tensors {sorted(tensors)} with shapes "
+                             f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
+        return cls(per_example, losses, [bytes(row.tolist()).hex() for row in fingerprints])

@@ -11,22 +11,23 @@ Two modes:
 
 Either way the finished request stays active alongside the earlier ones, the retain set of
 later requests leaves out every removed example, and the :class:`RequestLog` records what each
-request did (hashes of the removed examples, never their contents). ``save_pretrained`` writes
-the :class:`RequestState` (``requests.json`` and ``retain_statistics.safetensors``) next to the
-adapters; :func:`load_requests` restores them.
+request did (hashes of the removed examples, never their contents). That state travels in the
+files PEFT already writes, so plain ``save_pretrained`` keeps it: each request's record is the
+``request_record`` field of its adapter's config, and the cached retain statistics are tensors in
+the weights file of the adapter they were computed for. :func:`load_requests` loads every
+request adapter found in a saved folder.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from ..common.data import fingerprint, set_fingerprint
-from ..common.files import atomic_write
+from ..common.files import read_json
 from .report import UnlearnReport
 from .statistics import RetainStatistics, mask_gradients
 from .phases import request_scope
@@ -34,8 +35,6 @@ from .preparation import RunOptions, prepare
 from .unlearn import prepare_request, resolve_run, unlearn_prepared
 
 MODES = ("memory_free", "memory_aided")
-LOG_FILE = "requests.json"
-STATISTICS_FILE = "retain_statistics.safetensors"
 
 
 @dataclass
@@ -76,43 +75,23 @@ class RequestLog:
     def to_dict(self) -> dict:
         return {"requests": [asdict(r) for r in self.records]}
 
-    def save(self, path) -> None:
-        text = json.dumps(self.to_dict(), indent=2)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
     @classmethod
-    def load(cls, path) -> "RequestLog":
-        payload = json.loads(Path(path).read_text())
-        return cls([RequestRecord(**r) for r in payload["requests"]])
+    def from_configs(cls, peft_config: Mapping) -> "RequestLog":
+        """The records held by the request adapters in ``peft_config``, oldest first; each is named
+        after the adapter that holds it."""
+        records = [RequestRecord(**{**c.request_record, "name": name}) for name, c in peft_config.items()
+                   if getattr(c, "request_record", None)]
+        return cls(sorted(records, key=lambda r: (r.created, r.name)))
 
 
 class RequestState:
-    """What successive requests keep between calls: the :class:`RequestLog` and the retain-side
-    mask statistics cached at the original weights (memory-aided mode). One per tuner
-    (``MAPEModel.requests``); saved beside the adapters and loaded back with them."""
+    """The retain-side mask statistics cached at the original weights (memory-aided mode), and
+    the adapter whose weights file stores them. One per tuner (``MAPEModel.requests``); the
+    request log itself lives in the adapters' configs (:meth:`RequestLog.from_configs`)."""
 
-    def __init__(self, log: Optional[RequestLog] = None, retain_statistics: Optional[RetainStatistics] = None):
-        self.log = log if log is not None else RequestLog()
+    def __init__(self, retain_statistics: Optional[RetainStatistics] = None, statistics_adapter: Optional[str] = None):
         self.retain_statistics = retain_statistics
-
-    def save(self, directory) -> None:
-        """Write ``requests.json`` (when a request was logged) and the cached statistics into ``directory``."""
-        if self.log:
-            self.log.save(Path(directory) / LOG_FILE)
-        if self.retain_statistics is not None:
-            self.retain_statistics.save(Path(directory) / STATISTICS_FILE)
-
-    @classmethod
-    def load(cls, directory) -> "RequestState":
-        directory = Path(directory)
-        log = RequestLog.load(directory / LOG_FILE) if (directory / LOG_FILE).exists() else RequestLog()
-        statistics = RetainStatistics.load(directory / STATISTICS_FILE) if (directory / STATISTICS_FILE).exists() \
-            else None
-        return cls(log, statistics)
-
-    def drop_record(self, adapter_name: str) -> None:
-        """Drop the record of a deleted request adapter."""
-        self.log.records = [r for r in self.log.records if r.name != adapter_name]
+        self.statistics_adapter = statistics_adapter
 
 
 def precompute_retain_statistics(tuner, retain, *, loss_fn=None, batch_size: int = 16, seed: int = 0,
@@ -132,7 +111,7 @@ def precompute_retain_statistics(tuner, retain, *, loss_fn=None, batch_size: int
         grads = mask_gradients(tuner, data.retain_loader, loss_fn, device=data.device,
                                desc="retain statistics (cached)", progress=progress)
     stats = RetainStatistics(grads.per_example, grads.losses, [fingerprint(e) for e in data.retain_examples])
-    tuner.requests.retain_statistics = stats
+    tuner.requests.retain_statistics, tuner.requests.statistics_adapter = stats, name
     return stats
 
 
@@ -147,6 +126,7 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     if mode not in MODES:
         raise ValueError(f"unknown request mode {mode!r}; choose one of {list(MODES)}")
     state = tuner.requests
+    log = RequestLog.from_configs(tuner.peft_config)
     if mode == "memory_aided" and state.retain_statistics is None:
         raise ValueError("memory-aided requests need cached retain statistics: call "
                          "model.precompute_retain_statistics(retain) once before the first request")
@@ -155,7 +135,7 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     target = unlearn_options.pop("forget_loss_target", None)
     selection = unlearn_options.pop("selection", None)
     run, chosen = resolve_run(method, unlearn_options)
-    name = name or f"request-{len(state.log) + 1}"
+    name = name or f"request-{len(log) + 1}"
     if name in tuner.peft_config:
         raise ValueError(f"an adapter named '{name}' already exists; pass another name=")
     active_before = list(tuner.active_adapters)
@@ -163,6 +143,7 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     config.selection = None
     config.base_fingerprint = None
     config.weights_digest = None
+    config.request_record = None
     config.inference_mode = False
     tuner.peft_config[name] = config
     tuner.inject_adapter(tuner.model, name)
@@ -173,7 +154,7 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     for other in earlier:  # only the new request's deltas receive gradients
         for param in tuner.adapter_parameters(other):
             param.requires_grad_(False)
-    removed = state.log.removed()
+    removed = log.removed()
     statistics = state.retain_statistics.without(removed) if mode == "memory_aided" else None
     overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
     try:
@@ -188,7 +169,7 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
         raise
     tuner.set_adapter(earlier + [name])
     hashes = sorted(fingerprint(e) for e in data.forget_examples)
-    state.log.records.append(RequestRecord(
+    config.request_record = asdict(RequestRecord(
         name=name, mode=mode, method=report.method, num_forget=report.num_forget,
         forget_set_hash=set_fingerprint(hashes), removed_example_hashes=hashes,
         num_selected_heads=report.num_selected_heads, num_selected_filters=report.num_selected_filters,
@@ -199,10 +180,11 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
 
 
 def load_requests(model, directory, *, is_trainable: bool = False):
-    """Load every request adapter listed in ``directory``'s log, activate them together, and
-    restore the log and the cached retain statistics.
+    """Load every request adapter saved in ``directory`` (the sub-folders whose MAPE config holds
+    a request record), oldest first, and activate them together after the other active adapters.
 
-    ``model`` is a PeftModel loaded from ``directory`` or a base model (then loaded here).
+    ``model`` is a PeftModel loaded from ``directory`` or a base model (then loaded here). The
+    cached retain statistics come back with the adapter whose weights file holds them.
     """
     from peft import PeftModel
 
@@ -210,13 +192,17 @@ def load_requests(model, directory, *, is_trainable: bool = False):
     if not isinstance(model, PeftModel):
         model = PeftModel.from_pretrained(model, directory, is_trainable=is_trainable)
     tuner = model.base_model
-    state = RequestState.load(directory)
-    log = state.log
-    for record in log.records:
-        if record.name not in tuner.peft_config:
-            model.load_adapter(directory / record.name, adapter_name=record.name, is_trainable=is_trainable)
-    tuner.requests = state
-    if log.records:
-        active = [a for a in tuner.active_adapters if a not in log.names()] + log.names()
+    saved = []
+    for folder in sorted(p for p in directory.iterdir() if (p / "adapter_config.json").is_file()):
+        payload = read_json(folder / "adapter_config.json", f"{folder} has no adapter_config.json")
+        record = payload.get("request_record") if payload.get("peft_type") == "MAPE" else None
+        if isinstance(record, dict):
+            saved.append((str(record.get("created", "")), folder.name))
+    for _, name in sorted(saved):
+        if name not in tuner.peft_config:
+            model.load_adapter(directory / name, adapter_name=name, is_trainable=is_trainable)
+    names = RequestLog.from_configs(tuner.peft_config).names()
+    if names:
+        active = [a for a in tuner.active_adapters if a not in names] + names
         tuner.set_adapter(active, inference_mode=not is_trainable)
     return model
