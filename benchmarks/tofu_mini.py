@@ -206,15 +206,11 @@ def mean_answer_tokens(dataset) -> float:
     return sum(sum(1 for t in row if t != -100) for row in dataset["labels"]) / len(dataset)
 
 
-def run_method(label, method, kwargs, *, shared_selection, forget_loss, forget_ds, retain_ds, holdout_ds, num_train,
+def run_method(label, method, kwargs, *, shared_selection, forget_ds, retain_ds, holdout_ds, num_train,
                args, load):
-    """One unlearning run from a fresh original; returns (merged model, report, seconds, search seconds).
-
-    ``forget_loss``: the original's forget loss measured by an earlier row (every row starts from
-    the same original and forget set), so this row skips that pass.
-    """
+    """One unlearning run from a fresh original; returns (merged model, report, seconds, search seconds)."""
     config = peft_mape.MAPEConfig(sparsity=args.sparsity, max_retain_examples=args.max_retain)
-    kwargs = dict(kwargs, forget_loss_before=forget_loss)
+    kwargs = dict(kwargs)
     reused = 0.0
     if kwargs.get("selection") is None and shared_selection is not None:
         kwargs["selection"], reused = shared_selection
@@ -265,7 +261,6 @@ def run_scenario(name, data, train_records, tokenizer, evaluator, baselines, arg
         _print_row(label, metrics, rows[-1]["seconds"])
 
     shared_selection = None  # (selection dict, seconds of the statistics + search that produced it)
-    forget_loss = None  # the original's mean forget loss, from the first row's report
     for label, method, kwargs in selected_methods(args):
         if method not in SUPPORTED_METHODS:
             print(f"  {label:<16} skipped: unlearn() has no method {method!r} yet (supported: {SUPPORTED_METHODS})")
@@ -273,14 +268,13 @@ def run_scenario(name, data, train_records, tokenizer, evaluator, baselines, arg
             continue
         try:
             model, report, seconds, reused = run_method(
-                label, method, kwargs, shared_selection=shared_selection, forget_loss=forget_loss,
+                label, method, kwargs, shared_selection=shared_selection,
                 forget_ds=forget_ds, retain_ds=retain_ds,
                 holdout_ds=holdout_ds, num_train=len(train_records), args=args, load=load_original)
         except Exception as exc:  # one failing method must not sink the benchmark
             traceback.print_exc()
             rows.append({"method": label, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        forget_loss = report.forget_loss_before if forget_loss is None else forget_loss
         searched = kwargs.get("selection") is None and shared_selection is None and report.num_selected_heads + \
             report.num_selected_filters > 0
         if searched:

@@ -135,7 +135,7 @@ def run_method(scenario: Scenario, label, name, kwargs, default_report, shared_s
     """One row: a fresh copy of the original, the method (by its ``run_method`` name), its metrics
     and wall time.
 
-    ``shared_search`` (selection, forget loss, seconds) from an earlier MAPE row of this request
+    ``shared_search`` (selection, seconds) from an earlier MAPE row of this request
     replaces the mask search of a later "mape-" row; its seconds join the row's time.
     """
     kwargs = dict(kwargs)
@@ -144,7 +144,7 @@ def run_method(scenario: Scenario, label, name, kwargs, default_report, shared_s
     stopping = scenario.stopping(rule)
     retain, config, reused = scenario.retain, None, 0.0
     if family == "mape" and shared_search is not None:
-        kwargs.update(selection=shared_search["selection"], forget_loss_before=shared_search["forget_loss"])
+        kwargs.update(selection=shared_search["selection"])
         reused = shared_search["seconds"]
     if family in ("salun", "lora"):
         retain = scenario.retain[: scenario.args.retain_sample]
@@ -191,8 +191,7 @@ def run_scenario(scenario: Scenario, methods, relearn: bool):
         if default_report is None:
             default_report = row
         if shared_search is None and row.get("searched"):
-            shared_search = {"selection": row["selection"], "forget_loss": row["forget_loss_before"],
-                             "seconds": row["search_seconds"]}
+            shared_search = {"selection": row["selection"], "seconds": row["search_seconds"]}
         rows.append(row)
         models[label] = model
         print(f"  {label:<28} forget {row['forget_acc']:5.1f}  retain {row['retain_acc']:5.1f}  "

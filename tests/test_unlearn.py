@@ -122,7 +122,7 @@ def test_same_seed_same_selection():
         (lambda m, f, r: m.unlearn(f, r, method="magic"), "unknown unlearning method"),
         (lambda m, f, r: m.unlearn([{"text": "hello"}], r), "not model-ready"),
         (lambda m, f, r: m.unlearn(f, None, method="graddiff"), "needs a non-empty retain"),
-        (lambda m, f, r: m.unlearn(f, r, forget_loss_before=float("nan")), "forget_loss_before"),
+        (lambda m, f, r: m.unlearn(f, r, forget_loss_before=1.0), "no option .forget_loss_before"),
         (lambda m, f, r: m.unlearn(f, r, eval_batch_size=0), "eval_batch_size"),
     ],
 )
@@ -242,10 +242,12 @@ def test_eval_batch_size_changes_no_reported_number():
     assert small.diagnostics["forget_loss_trace"] == pytest.approx(large.diagnostics["forget_loss_trace"], rel=1e-5)
 
 
-def test_a_measured_forget_loss_before_skips_that_pass(monkeypatch):
-    """Several methods from one original: the caller's measured loss is reported and no forget
-    pass runs before the update (the after-pass still does)."""
+def test_the_phases_reuse_a_measured_forget_loss(monkeypatch):
+    """Several methods from one original, composed from the phases: the caller's measured loss is
+    reported and no forget pass runs before the update (the after-pass still does)."""
     import peft_mape.unlearning.preparation as module
+    from peft_mape.unlearning.phases import request_scope
+    from peft_mape.unlearning.unlearn import prepare_request, resolve_run, unlearn_prepared
 
     forget, retain = tiny_examples("llama", 5), tiny_examples("llama", 8, seed=4)
     selection = {"heads": {"0": [1]}, "filters": {"1": [2, 3]}}
@@ -255,7 +257,12 @@ def test_a_measured_forget_loss_before_skips_that_pass(monkeypatch):
     real_mean_loss = module.mean_loss
     monkeypatch.setattr(module, "mean_loss", lambda model, loader, *a, **k: passes.append(len(loader.dataset))
                         or real_mean_loss(model, loader, *a, **k))
-    report = _peft("llama").unlearn(forget, retain, method="ga", max_steps=2, selection=selection,
-                                    forget_loss_before=measured, progress=False)
+    tuner = _peft("llama").base_model
+    run, method = resolve_run("ga", {"max_steps": 2, "progress": False})
+    with request_scope(tuner, "default", {}):
+        data, _ = prepare_request(tuner, "default", forget, retain, run, method)
+        with pytest.raises(ValueError, match="forget_loss_before"):
+            unlearn_prepared(tuner, "default", method, data, selection=selection, forget_loss_before=float("nan"))
+        report = unlearn_prepared(tuner, "default", method, data, selection=selection, forget_loss_before=measured)
     assert report.forget_loss_before == measured
     assert passes.count(len(forget)) == 1  # the after-pass only

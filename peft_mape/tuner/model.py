@@ -256,12 +256,11 @@ class MAPEModel(BaseTuner):
         return [p for _, layer in self.mape_layers() for p in layer.adapter_parameters(adapter_name)]
 
     def unlearn(self, forget, retain=None, method=None, *, holdout=None, forget_loss_target=None, selection=None,
-                adapter_name=None, forget_loss_before=None, **options):
+                adapter_name=None, **options):
         from ..unlearning.unlearn import unlearn
 
         return unlearn(self, forget, retain, method, holdout=holdout, forget_loss_target=forget_loss_target,
-                       selection=selection, adapter_name=adapter_name, forget_loss_before=forget_loss_before,
-                       **options)
+                       selection=selection, adapter_name=adapter_name, **options)
 
     def unlearn_request(self, forget, retain=None, **kwargs):
         """One of successive requests, into its own new adapter; see :func:`peft_mape.unlearning.successive.unlearn_request`."""

@@ -39,8 +39,7 @@ def prepare_request(tuner, adapter_name: str, forget, retain, run: RunOptions, m
 
 
 def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_loss_target: Optional[float] = None,
-            selection=None, adapter_name: Optional[str] = None, forget_loss_before: Optional[float] = None,
-            **options) -> UnlearnReport:
+            selection=None, adapter_name: Optional[str] = None, **options) -> UnlearnReport:
     """Erase the influence of ``forget`` into one MAPE adapter and return a report.
 
     Args:
@@ -59,9 +58,6 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
             the full-parameter baseline), ``"random"`` (random units at the same budget) or
             ``{"heads": {layer: [...]}, "filters": {...}}``.
         adapter_name: the (empty) adapter to fill; default the single active adapter.
-        forget_loss_before: the mean forget loss at the current weights when the caller has
-            already measured it (several methods run from one original): skips that pass.
-            Trusted as given; it is reported and is the first early-stopping check.
         **options: the method's options (e.g. ``lr``, ``max_steps``, ``kl_weight``, ``beta``,
             ``damping``: see ``peft_mape.methods``) and the run's (:class:`RunOptions`: ``seed``,
             ``batch_size``, ``eval_batch_size``, ``loss_fn``, ``progress``,
@@ -73,14 +69,11 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
     """
     run, chosen = resolve_run(method, options)
     name = adapter_to_fill(tuner, adapter_name)
-    if forget_loss_before is not None and not math.isfinite(forget_loss_before):
-        raise ValueError(f"forget_loss_before must be a finite number, got {forget_loss_before}")
     overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
     with request_scope(tuner, name, overrides, run.fold_other_adapters):
         data, target = prepare_request(tuner, name, forget, retain, run, chosen, holdout=holdout,
                                        target=forget_loss_target)
-        return unlearn_prepared(tuner, name, chosen, data, target=target, selection=selection,
-                                forget_loss_before=forget_loss_before)
+        return unlearn_prepared(tuner, name, chosen, data, target=target, selection=selection)
 
 
 def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, target: Optional[float] = None,
@@ -91,8 +84,10 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
     this request's forget examples are dropped), then the update and the measurements.
 
     ``forget_loss_before``: the forget loss at the current weights when the caller has already
-    measured it (several methods from one original); trusted as given.
+    measured it (several methods from one original); it must be finite and is trusted as given.
     """
+    if forget_loss_before is not None and not math.isfinite(forget_loss_before):
+        raise ValueError(f"forget_loss_before must be a finite number, got {forget_loss_before}")
     if method.needs_retain and not data.retain_examples:
         hint = " (or pass retain_weight=0 for NPO without a retain term)" if method.name == "npo" else ""
         raise ValueError(f"method '{method.name}' needs a non-empty retain set{hint}")
