@@ -150,7 +150,7 @@ def test_the_phases_compose_to_unlearn():
     result = mask_search(tuner, "default", data, statistics)
     apply_selection(tuner, "default", result, data)
     method = GradDiff(lr=1e-2, max_steps=3)
-    outcome = update(tuner, "default", method, data, forget_loss_before=statistics.forget_loss)
+    outcome = update(tuner, "default", method, data)
     forget_after, retain_after = measure(data)
     report = build_report(tuner, "default", method, data, result=result, outcome=outcome,
                           losses=Measurements(statistics.forget_loss, forget_after, statistics.retain_loss,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..common.loop import optimise
+from ..common.loop import optimise, target_mean
 from ..tuner.architectures import resolve_architecture
 from .shared import baseline_setup, forget_and_retain_losses, loop_hyperparameters
 
@@ -48,7 +48,7 @@ def lora_unlearn(model, forget, retain=None, *, method: str = "ga", lora_config=
         with data.timer.phase("update"):
             params = [p for p in peft_model.parameters() if p.requires_grad]
             loop = optimise(peft_model, params, update_loss, data.loop_data(), lr=update_loss.step_size(False),
-                            target=target, initial_forget_loss=forget_before)
+                            target=target)
     except BaseException:
         peft_model.unload()
         raise
@@ -58,6 +58,7 @@ def lora_unlearn(model, forget, retain=None, *, method: str = "ga", lora_config=
         "trainable_parameters": sum(p.numel() for p in params), "lora_rank": config.r,
         "forget_loss_before": forget_before, "forget_loss_after": forget_after,
         "retain_loss_before": retain_before, "retain_loss_after": retain_after,
-        "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": target,
+        "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": target_mean(target),
+        "stopping": loop.stopping(target),
         "hyperparameters": loop_hyperparameters(update_loss, data), "seconds": seconds,
     }

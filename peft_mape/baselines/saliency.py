@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..common.data import per_example_losses, to_device
-from ..common.loop import optimise
+from ..common.loop import optimise, target_mean
 from ..common.modes import eval_mode, gradients_only_for
 from ..tuner.architectures import resolve_architecture
 from .shared import baseline_setup, forget_and_retain_losses, loop_hyperparameters, model_device
@@ -111,7 +111,7 @@ def salun_unlearn(model, forget, retain=None, *, num_weights: Optional[int] = No
                 hooks.append(named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)))
             torch.manual_seed(seed)
             loop = optimise(model, [named[n] for n in selected], update_loss, data.loop_data(),
-                            lr=update_loss.step_size(False), target=target, initial_forget_loss=forget_before)
+                            lr=update_loss.step_size(False), target=target)
     except BaseException:
         with torch.no_grad():
             for n, m in selected.items():
@@ -131,6 +131,7 @@ def salun_unlearn(model, forget, retain=None, *, num_weights: Optional[int] = No
         "selected_per_parameter": {n: int(m.sum()) for n, m in selected.items()},
         "forget_loss_before": forget_before, "forget_loss_after": forget_after,
         "retain_loss_before": retain_before, "retain_loss_after": retain_after, "update_norm": update_norm,
-        "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": target,
+        "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": target_mean(target),
+        "stopping": loop.stopping(target),
         "hyperparameters": loop_hyperparameters(update_loss, data), "seconds": seconds,
     }

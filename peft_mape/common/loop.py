@@ -2,8 +2,10 @@
 
 Every loop-based update in the library runs here: GA / GradDiff / NPO on MAPE deltas, the
 SalUn and LoRA baselines, retraining and the relearning attack (:class:`Descent`). The loop
-stops early once the forget set's mean loss reaches ``target`` (e.g. the loss of held-out
-data: the forget set then looks unseen).
+stops early once the forget set looks unseen: with a :class:`HoldoutTarget`, once a loss-based
+membership attack can no longer tell the forget set from held-out data (the *distribution*,
+not the mean: a few examples with a huge loss carry the mean long before most examples are
+forgotten); with a number, once the forget set's mean loss reaches it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import forward_with_losses, per_example_kl, per_example_losses, to_device
+from .membership import loss_mia_auc
 from .modes import eval_mode
 
 @dataclass
@@ -27,12 +30,50 @@ class StepLosses:
 
     ``forget_reference``: forget losses of the reference model (this adapter muted, no gradient).
     ``retain_kl``: KL(reference || current) of the outputs on the retain batch.
+    ``forget_cap``: the per-example loss at which an example looks unseen (the stopping target's
+    level), or None without a target; see :meth:`LoopMethod.forget_weights`.
     """
 
     forget: torch.Tensor
     retain: Optional[torch.Tensor] = None
     forget_reference: Optional[torch.Tensor] = None
     retain_kl: Optional[torch.Tensor] = None
+    forget_cap: Optional[float] = None
+
+
+@dataclass
+class HoldoutTarget:
+    """The forget set looks unseen once the loss-based membership AUC of forget vs holdout
+    examples is at most ``0.5 + tolerance``.
+
+    ``holdout_losses`` are per-example losses of data the model never trained on, measured once
+    at the original weights (a model retrained without the forget set has about the same
+    losses there). ``level`` (their median) is where a single example stops looking seen.
+    """
+
+    holdout_losses: torch.Tensor
+    tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.holdout_losses.numel():
+            raise ValueError("the holdout is empty: a membership target needs held-out examples")
+        if not 0.0 <= self.tolerance < 0.5:
+            raise ValueError(f"tolerance must be in [0, 0.5), got {self.tolerance}")
+
+    @property
+    def level(self) -> float:
+        return float(self.holdout_losses.median())
+
+    @property
+    def mean(self) -> float:
+        return float(self.holdout_losses.mean())
+
+    def auc(self, forget_losses: torch.Tensor) -> float:
+        return loss_mia_auc(forget_losses.cpu().numpy(), self.holdout_losses.cpu().numpy())
+
+    def describe(self) -> str:
+        return (f"loss membership AUC of forget vs {self.holdout_losses.numel()} holdout examples <= "
+                f"{0.5 + self.tolerance:.2f}")
 
 
 @dataclass
@@ -72,6 +113,10 @@ class LoopMethod(UnlearningMethod):
         max_grad_norm: gradient-norm clipping.
         kl_weight: adds ``kl_weight`` x KL(original || current) on retain batches, the original
             being the model with this adapter muted (no second copy of the weights).
+        per_example_cap: with a stopping target, an example whose loss already reached the
+            target's level stops being pushed (its weight in the forget term is 0), so the push
+            goes to the examples still memorised instead of making forgotten ones ever worse;
+            ``False`` gives the plain method.
     """
 
     lr: Optional[float] = None
@@ -79,6 +124,7 @@ class LoopMethod(UnlearningMethod):
     eval_every: int = 5
     max_grad_norm: float = 1.0
     kl_weight: float = 0.0
+    per_example_cap: bool = True
 
     # Forget losses of the reference model (this adapter muted) are computed for the loss.
     needs_reference: ClassVar[bool] = False
@@ -92,6 +138,13 @@ class LoopMethod(UnlearningMethod):
     @abc.abstractmethod
     def loss(self, losses: StepLosses) -> torch.Tensor:
         """The scalar one step minimises, from the step's per-example losses."""
+
+    def forget_weights(self, losses: StepLosses) -> torch.Tensor:
+        """1 for the forget examples of the batch that are still pushed, 0 for those already at
+        the target's level (all 1 without a target or with ``per_example_cap=False``)."""
+        if not self.per_example_cap or losses.forget_cap is None:
+            return torch.ones_like(losses.forget)
+        return (losses.forget.detach() < losses.forget_cap).to(losses.forget.dtype)
 
     def objective(self, losses: StepLosses) -> torch.Tensor:
         """:meth:`loss` plus the optional KL retain term."""
@@ -148,31 +201,81 @@ class LoopData:
 
 @dataclass
 class LoopResult:
+    """What a run of the loop did: ``checks`` holds one entry per stopping check (step, mean
+    forget loss, and the membership AUC with a :class:`HoldoutTarget`); ``stop_reason`` says why
+    it ended."""
+
     steps: int = 0
     stopped_early: bool = False
     forget_loss_trace: list[float] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+    stop_reason: str = ""
+
+    def stopping(self, target) -> dict:
+        """The report's account of the stopping: criterion, every check, and why the loop ended."""
+        return dict(target_summary(target), checks=self.checks, stop_reason=self.stop_reason)
+
+
+def example_losses(model, loader, loss_fn=None, *, device) -> torch.Tensor:
+    """Per-example losses over a loader (in its order), without gradients, dropout off."""
+    values = []
+    with torch.no_grad(), eval_mode(model):
+        for batch in loader:
+            values.append(per_example_losses(model, to_device(batch, device), loss_fn).float().cpu())
+    return torch.cat(values) if values else torch.zeros(0)
 
 
 def mean_loss(model, loader, loss_fn=None, *, device) -> float:
     """Mean per-example loss over a loader, without gradients, dropout off."""
-    total, count = 0.0, 0
-    with torch.no_grad(), eval_mode(model):
-        for batch in loader:
-            batch = to_device(batch, device)
-            losses = per_example_losses(model, batch, loss_fn)
-            total += float(losses.sum())
-            count += losses.numel()
-    return total / max(count, 1)
+    losses = example_losses(model, loader, loss_fn, device=device)
+    return float(losses.sum()) / max(losses.numel(), 1)
+
+
+def check_target(model, loader, target: "float | HoldoutTarget", *, loss_fn=None, device, step: int = 0,
+                 known_mean: Optional[float] = None) -> dict:
+    """One stopping check over the forget ``loader``: ``{"step", "forget_loss", "reached"}`` and,
+    for a :class:`HoldoutTarget`, the membership ``"auc"``. ``known_mean`` spares the pass of a
+    mean-loss target when the caller has just measured it."""
+    if isinstance(target, HoldoutTarget):
+        losses = example_losses(model, loader, loss_fn, device=device)
+        auc = target.auc(losses)
+        return {"step": step, "forget_loss": float(losses.mean()), "auc": auc, "reached": auc <= 0.5 + target.tolerance}
+    mean = known_mean if known_mean is not None else mean_loss(model, loader, loss_fn, device=device)
+    return {"step": step, "forget_loss": mean, "reached": mean >= target}
+
+
+def target_summary(target: "Optional[float | HoldoutTarget]") -> dict:
+    """How the report describes a stopping target."""
+    if target is None:
+        return {"criterion": "none: the step budget"}
+    if isinstance(target, HoldoutTarget):
+        return {"criterion": target.describe(), "holdout_mean_loss": target.mean, "per_example_level": target.level}
+    return {"criterion": f"mean forget loss >= {float(target):.4f}", "per_example_level": float(target)}
+
+
+def target_mean(target: "Optional[float | HoldoutTarget]") -> Optional[float]:
+    """The mean forget loss a target corresponds to (the holdout's mean loss for a HoldoutTarget)."""
+    if target is None:
+        return None
+    return target.mean if isinstance(target, HoldoutTarget) else float(target)
+
+
+def _record(result: LoopResult, check: dict) -> bool:
+    result.checks.append({k: v for k, v in check.items() if k != "reached"})
+    result.forget_loss_trace.append(check["forget_loss"])
+    return check["reached"]
 
 
 def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, data: LoopData, *, lr: float,
-             target: Optional[float] = None, initial_forget_loss: Optional[float] = None,
+             target: "Optional[float | HoldoutTarget]" = None, initial_check: Optional[dict] = None,
              reference: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
              on_step: Optional[Callable[[int], None]] = None) -> LoopResult:
     """Minimise ``method.objective`` over ``params`` with Adam for at most ``method.max_steps``
-    steps; stop once the forget loss reaches ``target`` (checked every ``method.eval_every``).
+    steps; stop once ``target`` is reached (checked every ``method.eval_every``): a
+    :class:`HoldoutTarget`, or a mean forget loss.
 
-    ``initial_forget_loss`` spares the first check's pass when the caller has just measured it.
+    ``initial_check`` (a :func:`check_target` result at the current weights) spares the first
+    check's pass when the caller has just made it.
     ``reference()`` returns a context in which the model computes the reference (original)
     outputs; NPO and the KL term need it.
     """
@@ -188,20 +291,19 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
     result = LoopResult()
     check = data.forget if data.check is None else data.check
     device, loss_fn = data.device, data.loss_fn
+    cap = None
     if target is not None:
-        current = initial_forget_loss
-        if current is None:
-            current = mean_loss(model, check, loss_fn, device=device)
-        result.forget_loss_trace.append(current)
-        if current >= target:  # already looks unseen: nothing to undo
-            result.stopped_early = True
+        cap = target.level if isinstance(target, HoldoutTarget) else float(target)
+        first = initial_check or check_target(model, check, target, loss_fn=loss_fn, device=device)
+        if _record(result, first):
+            result.stopped_early, result.stop_reason = True, "the forget set already looked unseen: no step"
             return result
     max_steps = method.max_steps
     bar = tqdm(total=max_steps, desc=f"update ({method.name})", disable=not data.progress, leave=False)
     with eval_mode(model):
         for step in range(1, max_steps + 1):
             forget_batch = to_device(next(forget_batches), device)
-            losses = StepLosses(forget=per_example_losses(model, forget_batch, loss_fn))
+            losses = StepLosses(forget=per_example_losses(model, forget_batch, loss_fn), forget_cap=cap)
             if method.needs_reference:
                 with torch.no_grad(), reference():
                     losses.forget_reference = per_example_losses(model, forget_batch, loss_fn)
@@ -225,12 +327,15 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
             if on_step is not None:
                 on_step(step)
             if target is not None and (step % method.eval_every == 0 or step == max_steps):
-                current = mean_loss(model, check, loss_fn, device=device)
-                result.forget_loss_trace.append(current)
-                bar.set_postfix(forget_loss=f"{current:.3f}", target=f"{target:.3f}")
-                if current >= target:
-                    result.stopped_early = True
+                reached = _record(result, check_target(model, check, target, loss_fn=loss_fn, device=device,
+                                                       step=step))
+                bar.set_postfix(**{k: f"{v:.3f}" for k, v in result.checks[-1].items() if k != "step"})
+                if reached:
+                    result.stopped_early, result.stop_reason = True, f"target reached at step {step}"
                     break
+    if not result.stop_reason:
+        result.stop_reason = f"step budget ({max_steps}) used" + ("" if target is None else
+                                                                  " before the target was reached")
     bar.close()
     optimizer.zero_grad(set_to_none=True)
     return result

@@ -175,10 +175,10 @@ def train_size(data: UnlearningData, method: ClosedFormMethod) -> int:
 
 
 def update(tuner, adapter_name: str, method: UnlearningMethod, data: UnlearningData, *,
-           target: Optional[float] = None, full_parameter: bool = False,
-           forget_loss_before: Optional[float] = None) -> UpdateOutcome:
+           target=None, full_parameter: bool = False, initial_check: Optional[dict] = None) -> UpdateOutcome:
     """Change the selected deltas with ``method``: its closed-form step, or the optimisation loop
-    (stopped at ``target``; ``forget_loss_before`` is its first check when already measured)."""
+    (stopped at ``target``, a :class:`peft_mape.common.loop.HoldoutTarget` or a mean forget loss;
+    ``initial_check`` is its first check when already made)."""
     params = tuner.adapter_parameters(adapter_name)
     with data.timer.phase("update"):
         if isinstance(method, ClosedFormMethod):
@@ -194,9 +194,9 @@ def update(tuner, adapter_name: str, method: UnlearningMethod, data: UnlearningD
             data.report_warnings.append("no holdout/forget_loss_target: ran the full step budget without early stopping")
         lr = method.step_size(full_parameter)
         loop = optimise(tuner.model, params, method, data.loop_data(), lr=lr, target=target,
-                        initial_forget_loss=forget_loss_before, reference=lambda: tuner.muted([adapter_name]))
+                        initial_check=initial_check, reference=lambda: tuner.muted([adapter_name]))
         return UpdateOutcome(steps=loop.steps, stopped_early=loop.stopped_early, lr=lr,
-                             diagnostics={"forget_loss_trace": loop.forget_loss_trace})
+                             diagnostics={"forget_loss_trace": loop.forget_loss_trace, "stopping": loop.stopping(target)})
 
 
 def measure(data: UnlearningData) -> tuple[float, Optional[float]]:

@@ -17,7 +17,7 @@ from ..common.data import (
     MIN_EVAL_BATCH_SIZE, drop_overlap, fingerprint, forward_arguments, make_eval_loader, make_loader, materialise,
     pad_token_id, validate_examples,
 )
-from ..common.loop import LoopData, mean_loss
+from ..common.loop import HoldoutTarget, LoopData, example_losses, mean_loss
 
 REPORT_RETAIN = 256  # retain examples behind the report's before/after retain loss
 MAX_RETAIN_EXAMPLES = 1024  # MAPEConfig.max_retain_examples' default: cost independent of |D_r|
@@ -189,11 +189,12 @@ def _build_loaders(data: UnlearningData) -> None:
         data.report_loader = make_eval_loader(data.retain_examples[:REPORT_RETAIN], eval_size, pad)
 
 
-def holdout_target(data: UnlearningData, holdout, max_examples: int = MAX_RETAIN_EXAMPLES) -> float:
-    """The mean loss of ``holdout`` (data the model never trained on): the forget loss at which
-    the forget set looks unseen."""
+def holdout_target(data: UnlearningData, holdout, max_examples: int = MAX_RETAIN_EXAMPLES) -> HoldoutTarget:
+    """The per-example losses of ``holdout`` (data the model never trained on) at the current
+    weights: the forget set looks unseen once a membership attack cannot tell it from them."""
     with data.timer.phase("evaluation"):
         examples = materialise(holdout, forward_arguments(data.model), limit=int(max_examples),
                                seed=data.options.seed, what="holdout")
         validate_examples(examples, "holdout", needs_labels=data.loss_fn is None, model=data.model)
-        return data.mean_loss(make_eval_loader(examples, data.eval_batch_size, data.pad_token_id))
+        loader = make_eval_loader(examples, data.eval_batch_size, data.pad_token_id)
+        return HoldoutTarget(example_losses(data.model, loader, data.loss_fn, device=data.device))

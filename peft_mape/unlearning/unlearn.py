@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..common.data import fingerprint
+from ..common.loop import check_target, target_mean, target_summary
 from .report import UnlearnReport
 from .statistics import RetainStatistics
 from .methods import DEFAULT_METHOD, LoopMethod, UnlearningMethod, resolve_method
@@ -92,18 +93,23 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
         hint = " (or pass retain_weight=0 for NPO without a retain term)" if method.name == "npo" else ""
         raise ValueError(f"method '{method.name}' needs a non-empty retain set{hint}")
     config = tuner.peft_config[adapter_name]
-    forget_before = forget_loss_before
+    forget_before, first_check = forget_loss_before, None
     if target is not None:
-        if forget_before is None:
-            with data.timer.phase("evaluation"):
-                forget_before = data.mean_loss(data.forget_eval_loader)
-        if forget_before >= target:
-            # The forget set already looks unseen (e.g. mislabelled examples the model never fit):
-            # there is nothing to undo, so no statistics, selection or update.
-            data.report_warnings.append(f"forget loss {forget_before:.4f} already >= target {target:.4f}: no update")
-            losses = Measurements(forget_before, forget_before, target=target)
+        with data.timer.phase("evaluation"):
+            first_check = check_target(data.model, data.forget_eval_loader, target, loss_fn=data.loss_fn,
+                                       device=data.device, known_mean=forget_before)
+        forget_before = first_check["forget_loss"]
+        if first_check["reached"]:
+            # The forget set already looks unseen (e.g. examples the model never fit): there is
+            # nothing to undo, so no statistics, selection or update.
+            data.report_warnings.append(f"the forget set already looks unseen ({target_summary(target)['criterion']}):"
+                                        " no update")
+            losses = Measurements(forget_before, forget_before, target=target_mean(target))
+            stopping = dict(target_summary(target), checks=[{k: v for k, v in first_check.items() if k != "reached"}],
+                            stop_reason="the forget set already looked unseen: no step")
             return build_report(tuner, adapter_name, method, data, result=None,
-                                outcome=UpdateOutcome(stopped_early=True), losses=losses)
+                                outcome=UpdateOutcome(stopped_early=True, diagnostics={"stopping": stopping}),
+                                losses=losses)
     retain_before = None
     if selection is None:
         if retain_statistics is not None:
@@ -121,7 +127,7 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
             retain_before = data.mean_loss(data.report_loader)
     apply_selection(tuner, adapter_name, result, data)
     outcome = update(tuner, adapter_name, method, data, target=target, full_parameter=selection == "all",
-                     forget_loss_before=forget_before)
+                     initial_check=first_check)
     forget_after, retain_after = measure(data)
-    losses = Measurements(forget_before, forget_after, retain_before, retain_after, target)
+    losses = Measurements(forget_before, forget_after, retain_before, retain_after, target_mean(target))
     return build_report(tuner, adapter_name, method, data, result=result, outcome=outcome, losses=losses)

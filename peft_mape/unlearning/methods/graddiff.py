@@ -12,7 +12,8 @@ from .base import LoopMethod, StepLosses, register_method
 @register_method
 @dataclass
 class GradDiff(LoopMethod):
-    """Minimise -mean l(forget) + ``retain_weight`` x mean l(retain).
+    """Minimise -mean w l(forget) + ``retain_weight`` x mean l(retain), w = 0 for the examples
+    already at the stopping target's level (``per_example_cap``), else 1.
 
     Options:
         retain_weight: weight of the retain loss, which keeps the model's behaviour on the
@@ -27,7 +28,7 @@ class GradDiff(LoopMethod):
         return True
 
     def loss(self, losses: StepLosses) -> torch.Tensor:
-        return -losses.forget.mean() + self.retain_weight * losses.retain.mean()
+        return -(self.forget_weights(losses) * losses.forget).mean() + self.retain_weight * losses.retain.mean()
 
     def validate(self) -> None:
         super().validate()

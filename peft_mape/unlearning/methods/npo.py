@@ -37,7 +37,7 @@ class NPO(LoopMethod):
 
     def loss(self, losses: StepLosses) -> torch.Tensor:
         gap = losses.forget - losses.forget_reference
-        value = -(2.0 / self.beta) * F.logsigmoid(self.beta * gap).mean()
+        value = -(2.0 / self.beta) * (self.forget_weights(losses) * F.logsigmoid(self.beta * gap)).mean()
         if self.retain_weight > 0:
             value = value + self.retain_weight * losses.retain.mean()
         return value
