@@ -34,6 +34,9 @@ CASES = {
     "graddiff-kl": dict(method="graddiff", lr=1e-2, max_steps=4, kl_weight=0.5),
     "so": dict(method="so"),
     "influence": dict(method="influence"),
+    # the specification's scale-1 steps, without the line search (recorded before it existed)
+    "so-spec": dict(method="so", line_search=False),
+    "influence-spec": dict(method="influence", line_search=False),
     "all-graddiff": dict(method="graddiff", selection="all", max_steps=3),
     "random-ga": dict(method="ga", selection="random", lr=1e-2, max_steps=3),
     "mlf-ga": dict(method="ga", objective="mlf", lr=1e-2, max_steps=3),

@@ -162,16 +162,8 @@ def _adam_quadratic(product, rhs: Vector, batches, steps: int, lr: float, progre
     return [xi.detach() for xi in x], steps, False
 
 
-def influence_step(params: Sequence[torch.nn.Parameter], solution: Vector, *, num_train_examples: int) -> float:
-    """theta <- theta + x / n in place; returns the update's L2 norm."""
+def influence_direction(solution: Vector, *, num_train_examples: int) -> list:
+    """The influence step x / n of a solution x of the damped system."""
     if num_train_examples <= 0:
         raise ValueError(f"num_train_examples must be positive, got {num_train_examples}")
-    squared = 0.0
-    with torch.no_grad():
-        for param, x in zip(params, solution):
-            step = x / num_train_examples
-            if not torch.isfinite(step).all():
-                raise FloatingPointError("the influence step is not finite (NaN/inf in the solution)")
-            param.add_(step.to(param.dtype))
-            squared += float(step.double().pow(2).sum())
-    return math.sqrt(squared)
+    return [x / num_train_examples for x in solution]

@@ -183,7 +183,7 @@ def update(tuner, adapter_name: str, method: UnlearningMethod, data: UnlearningD
     with data.timer.phase("update"):
         if isinstance(method, ClosedFormMethod):
             context = ClosedFormContext(tuner=tuner, adapter_name=adapter_name, params=params, data=data,
-                                        num_train_examples=train_size(data, method))
+                                        num_train_examples=train_size(data, method), target=target)
             step = method.step(context)
             data.report_warnings.extend(step.report_warnings)
             return UpdateOutcome(steps=step.steps, diagnostics=dict(step.diagnostics,

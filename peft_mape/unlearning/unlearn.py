@@ -11,7 +11,7 @@ from ..common.data import fingerprint
 from ..common.loop import check_target, target_mean, target_summary
 from .report import UnlearnReport
 from .statistics import RetainStatistics
-from .methods import DEFAULT_METHOD, LoopMethod, UnlearningMethod, resolve_method
+from .methods import DEFAULT_METHOD, UnlearningMethod, resolve_method
 from .phases import (
     Measurements, UpdateOutcome, adapter_to_fill, apply_selection, build_report, fixed_selection, mask_search,
     mask_statistics, measure, request_scope, update,
@@ -30,11 +30,11 @@ def resolve_run(method, options: dict, default: str = DEFAULT_METHOD) -> tuple[R
 def prepare_request(tuner, adapter_name: str, forget, retain, run: RunOptions, method: UnlearningMethod, *,
                     holdout=None, target: Optional[float] = None, exclude=()) -> tuple[UnlearningData, Optional[float]]:
     """Seed, prepare the request's data (leaving ``exclude``d examples out of the retain sample)
-    and, for loop methods given a ``holdout`` and no ``target``, measure the stopping target."""
+    and, given a ``holdout`` and no ``target``, measure the stopping target."""
     max_retain = tuner.peft_config[adapter_name].max_retain_examples
     torch.manual_seed(run.seed)
     data = prepare(tuner.model, forget, retain, options=run, exclude=exclude, max_retain_examples=max_retain)
-    if isinstance(method, LoopMethod) and target is None and holdout is not None:
+    if target is None and holdout is not None:
         target = holdout_target(data, holdout, max_retain)
     return data, target
 

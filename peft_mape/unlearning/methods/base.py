@@ -18,6 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+import torch
+
 from ...common.loop import LoopMethod, StepLosses, UnlearningMethod  # noqa: F401  (the loop's contract)
 
 
@@ -26,8 +28,8 @@ class ClosedFormContext:
     """What the update phase hands a closed-form step.
 
     ``tuner`` and ``adapter_name`` locate the deltas, ``params`` are them, ``data`` is the
-    prepared :class:`peft_mape.unlearning.data.UnlearningData`, ``num_train_examples`` the
-    training-set size behind the 1/n scale.
+    prepared :class:`peft_mape.unlearning.preparation.UnlearningData`, ``num_train_examples`` the
+    training-set size behind the 1/n scale, ``target`` the request's stopping target or None.
     """
 
     tuner: Any
@@ -35,6 +37,7 @@ class ClosedFormContext:
     params: list
     data: Any
     num_train_examples: int
+    target: Any = None  # the stopping target, when the request has one (holdout=)
 
     def forget_gradient_sum(self) -> list:
         """sum over the forget set of d loss / d delta, one tensor per selected delta."""
@@ -60,10 +63,40 @@ class ClosedFormMethod(UnlearningMethod):
     Options shared by every closed-form method:
         num_train_examples: size of the original training set (the 1/n scale of the step);
             estimated as |forget| + |retain| when omitted, and the report says so.
+        line_search: apply the computed step at the scale a line search picks
+            (:mod:`peft_mape.unlearning.step_control`: the retain loss stays within
+            ``retain_tolerance``; with a stopping target, the smallest scale that reaches it,
+            up to ``max_scale``); ``False`` applies it at the specification's scale 1.
+        retain_tolerance: relative rise of the retain loss a step may cause (at least
+            ``retain_tolerance`` x 0.1 nats).
+        max_scale: the longest scale tried, relative to the specification's step.
     """
 
     num_train_examples: Optional[int] = None
+    line_search: bool = True
+    retain_tolerance: float = 0.1
+    max_scale: float = 4.0
     closed_form: ClassVar[bool] = True
+
+    def apply(self, context: "ClosedFormContext", direction: list, forget_gradient_sum: list,
+              result: Optional["StepResult"] = None) -> "StepResult":
+        """Apply the computed ``direction`` (the step at scale 1) through the line search, or as is."""
+        from ..step_control import scaled_step, step_warnings
+
+        result = result or StepResult()
+        if not self.line_search:
+            with torch.no_grad():
+                for param, step in zip(context.params, direction):
+                    if not torch.isfinite(step).all():
+                        raise FloatingPointError(f"the {self.name} step is not finite")
+                    param.add_(step.to(param.dtype))
+            return result
+        search = scaled_step(context.params, direction, context.data, forget_gradient_sum=forget_gradient_sum,
+                             target=context.target, retain_tolerance=self.retain_tolerance,
+                             max_scale=self.max_scale if context.target is not None else min(self.max_scale, 1.0))
+        result.diagnostics["line_search"] = search
+        result.report_warnings.extend(step_warnings(search))
+        return result
 
     @property
     def needs_retain(self) -> bool:
@@ -77,6 +110,10 @@ class ClosedFormMethod(UnlearningMethod):
         if self.num_train_examples is not None and not self.num_train_examples > 0:
             raise ValueError(f"method '{self.name}': num_train_examples must be positive, got "
                              f"{self.num_train_examples}")
+        if not self.retain_tolerance >= 0:
+            raise ValueError(f"method '{self.name}': retain_tolerance must be >= 0, got {self.retain_tolerance}")
+        if not self.max_scale > 0:
+            raise ValueError(f"method '{self.name}': max_scale must be > 0, got {self.max_scale}")
 
 
 METHODS: dict[str, type[UnlearningMethod]] = {}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ...common.data import make_loader
-from ..hessian import SOLVERS, influence_step, solve_damped_system
+from ..hessian import SOLVERS, influence_direction, solve_damped_system
 from .base import ClosedFormContext, ClosedFormMethod, StepResult, register_method
 
 
@@ -39,13 +39,13 @@ class Influence(ClosedFormMethod):
         solution = solve_damped_system(data.model, context.params, grad_sum, hessian_loader, data.loss_fn,
                                        device=data.device, damping=self.damping, solver=self.solver,
                                        steps=self.solver_steps, progress=data.progress)
-        influence_step(context.params, solution.solution, num_train_examples=context.num_train_examples)
         result = StepResult(steps=solution.iterations,
                             diagnostics={"relative_residual": solution.relative_residual,
                                          "negative_curvature": solution.negative_curvature})
         if solution.negative_curvature:
             result.report_warnings.append("influence CG stopped at a direction of negative curvature; raise damping")
-        return result
+        direction = influence_direction(solution.solution, num_train_examples=context.num_train_examples)
+        return self.apply(context, direction, grad_sum, result)
 
     def validate(self) -> None:
         super().validate()

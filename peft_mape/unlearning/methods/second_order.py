@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
 
 from ..statistics import parameter_fisher_diagonal
-from .base import ClosedFormContext, ClosedFormMethod, StepResult, register_method
+from .base import ClosedFormContext, ClosedFormMethod, StepResult, register_method  # noqa: F401
 
 
 @register_method
@@ -19,7 +17,8 @@ class SecondOrder(ClosedFormMethod):
 
     Options:
         damping: lambda relative to the mean of F_r over the selected parameters.
-        scale: multiplies the step (1.0 is the specification's 1/n influence step).
+        scale: multiplies the step (1.0 is the specification's 1/n influence step) before the
+            line search (see :class:`ClosedFormMethod`) scales it again.
     """
 
     damping: float = 1e-3
@@ -31,9 +30,9 @@ class SecondOrder(ClosedFormMethod):
         grad_sum = context.forget_gradient_sum()
         fisher = parameter_fisher_diagonal(context.tuner, context.adapter_name, data.retain_loader, data.loss_fn,
                                            device=data.device, progress=data.progress)
-        second_order_step(context.params, grad_sum, fisher, num_train_examples=context.num_train_examples,
-                          damping=self.damping, scale=self.scale)
-        return StepResult()
+        direction = second_order_direction(grad_sum, fisher, num_train_examples=context.num_train_examples,
+                                           damping=self.damping, scale=self.scale)
+        return self.apply(context, direction, grad_sum)
 
     def validate(self) -> None:
         super().validate()
@@ -41,9 +40,9 @@ class SecondOrder(ClosedFormMethod):
             raise ValueError(f"method '{self.name}': damping must be > 0, got {self.damping}")
 
 
-def second_order_step(params, forget_grad_sum, retain_fisher, *, num_train_examples: int, damping: float = 1e-3,
-                      scale: float = 1.0) -> float:
-    """Apply the SO step in place; returns the update's L2 norm.
+def second_order_direction(forget_grad_sum, retain_fisher, *, num_train_examples: int, damping: float = 1e-3,
+                           scale: float = 1.0) -> list:
+    """The SO step (scale/n) (F_r + lambda)^-1 sum_forget grad l, one tensor per parameter.
 
     ``damping`` is relative: lambda = damping * mean(F_r) over all selected parameters.
     """
@@ -55,12 +54,4 @@ def second_order_step(params, forget_grad_sum, retain_fisher, *, num_train_examp
     if lam <= 0:  # an all-zero Fisher (e.g. a dead unit) still needs a finite step
         lam = damping
     eta = scale / num_train_examples
-    squared = 0.0
-    with torch.no_grad():
-        for param, grad, fisher in zip(params, forget_grad_sum, retain_fisher):
-            step = eta * grad / (fisher + lam)
-            if not torch.isfinite(step).all():
-                raise FloatingPointError("the SO step is not finite (NaN/inf in gradients or Fisher)")
-            param.add_(step.to(param.dtype))
-            squared += float(step.double().pow(2).sum())
-    return math.sqrt(squared)
+    return [eta * grad / (fisher + lam) for grad, fisher in zip(forget_grad_sum, retain_fisher)]

@@ -1,0 +1,142 @@
+"""Stopping on the forget set's distribution, per-example objectives, and the closed-form line search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_mape import MAPEConfig
+from peft_mape.common.loop import HoldoutTarget, StepLosses
+from peft_mape.common.membership import loss_mia_auc
+from peft_mape.methods import NPO, GradDiff, GradientAscent
+from peft_mape.unlearning.step_control import retain_budget
+
+from conftest import memorised_model, tiny_examples, tiny_model
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    torch.set_num_threads(1)
+    return memorised_model("llama", epochs=60, lr=1e-2, vary_length=False)
+
+
+def _fresh(memorised):
+    model, forget, retain = memorised
+    clone = tiny_model("llama")
+    clone.load_state_dict(model.state_dict())
+    return get_peft_model(clone.eval(), MAPEConfig(sparsity=0.5)), forget, retain
+
+
+def _unseen(n=12):
+    return tiny_examples("llama", n, seed=9, vary_length=False)
+
+
+def test_holdout_target_is_the_membership_auc():
+    holdout = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    target = HoldoutTarget(holdout, tolerance=0.05)
+    assert target.level == pytest.approx(2.0) and target.mean == pytest.approx(2.5)  # torch's lower median
+    assert target.auc(torch.tensor([0.1, 0.2])) == 1.0  # lower losses than every holdout example: members
+    assert target.auc(holdout.clone()) == pytest.approx(0.5)
+    assert target.auc(torch.tensor([9.0])) == 0.0
+    assert loss_mia_auc([0.1, 0.2], [1.0, 2.0]) == 1.0
+    with pytest.raises(ValueError, match="tolerance"):
+        HoldoutTarget(holdout, tolerance=0.5)
+    with pytest.raises(ValueError, match="holdout is empty"):
+        HoldoutTarget(torch.zeros(0))
+
+
+@pytest.mark.parametrize("method", [GradDiff(), GradientAscent(), NPO()], ids=lambda m: m.name)
+def test_examples_at_the_target_level_stop_being_pushed(method):
+    forget = torch.tensor([0.5, 3.0, 1.0], requires_grad=True)
+    losses = StepLosses(forget=forget, retain=torch.tensor([0.2]), forget_reference=torch.tensor([0.4, 0.4, 0.4]),
+                        forget_cap=2.0)
+    method.loss(losses).backward()
+    assert forget.grad[1] == 0 and forget.grad[0] < 0 and forget.grad[2] < 0  # only those below the cap rise
+    plain = type(method)(per_example_cap=False)
+    forget.grad = None
+    plain.loss(losses).backward()
+    assert (forget.grad < 0).all()
+    forget.grad = None
+    method.loss(StepLosses(forget=forget, retain=losses.retain, forget_reference=losses.forget_reference)).backward()
+    assert (forget.grad < 0).all()  # no target, no cap
+
+
+def test_holdout_stopping_records_each_check_and_why_it_stopped(memorised):
+    model, forget, retain = _fresh(memorised)
+    report = model.unlearn(forget, retain, method="graddiff", lr=1e-2, max_steps=60, holdout=_unseen(),
+                           progress=False)
+    stopping = report.diagnostics["stopping"]
+    assert stopping["criterion"].startswith("loss membership AUC") and "<= 0.55" in stopping["criterion"]
+    assert stopping["checks"][0]["step"] == 0 and stopping["checks"][0]["auc"] > 0.9  # memorised: members
+    aucs = [c["auc"] for c in stopping["checks"]]
+    if report.stopped_early:
+        assert aucs[-1] <= 0.55 and all(a > 0.55 for a in aucs[:-1])
+        assert stopping["stop_reason"] == f"target reached at step {report.steps}"
+    else:
+        assert stopping["stop_reason"].startswith("step budget")
+    # The report's target is the holdout's mean loss; the stop is on the AUC, not on that mean.
+    assert report.forget_loss_target == pytest.approx(stopping["holdout_mean_loss"])
+
+
+def test_a_forget_set_that_already_looks_unseen_gets_no_update(memorised):
+    model, _, retain = _fresh(memorised)
+    unseen = _unseen()  # the forget set *is* held-out data: the attack is at chance, AUC 0.5
+    report = model.unlearn(unseen, retain, method="graddiff", holdout=unseen, progress=False)
+    assert report.steps == 0 and report.trainable_parameters == 0
+    assert report.diagnostics["stopping"]["stop_reason"].startswith("the forget set already looked unseen")
+    assert any("already looks unseen" in w for w in report.warnings)
+
+
+def test_the_line_search_keeps_so_within_the_retain_budget(memorised):
+    model, forget, retain = _fresh(memorised)
+    spec_model, _, _ = _fresh(memorised)
+    spec = spec_model.unlearn(forget, retain, method="so", line_search=False, progress=False)
+    searched = model.unlearn(forget, retain, method="so", progress=False)
+    search = searched.diagnostics["line_search"]
+    assert searched.retain_loss_after <= search["retain_loss_budget"] + 1e-6
+    assert search["retain_loss_budget"] == pytest.approx(retain_budget(search["start"]["retain_loss"], 0.1))
+    assert all(c["scale"] <= 1.0 for c in search["candidates"])  # no target: never beyond the specification's step
+    if spec.retain_loss_after > search["retain_loss_budget"]:
+        assert search["scale"] < 1.0
+    assert searched.update_norm == pytest.approx(search["step_norm"], rel=1e-4)
+
+
+def test_with_a_target_the_line_search_takes_the_smallest_scale_that_reaches_it(memorised):
+    model, forget, retain = _fresh(memorised)
+    report = model.unlearn(forget, retain, method="influence", holdout=_unseen(), retain_tolerance=10.0,
+                           progress=False)
+    search = report.diagnostics["line_search"]
+    allowed = [c for c in search["candidates"] if c["within_retain_budget"]]
+    reached = [c for c in allowed if c.get("reached")]
+    if reached:
+        assert search["scale"] == min(c["scale"] for c in reached)
+    else:
+        assert search["scale"] == max(c["scale"] for c in allowed)
+    assert max(c["scale"] for c in search["candidates"]) <= 4.0
+    assert search["linearisation_ratio"] is None or search["linearisation_ratio"] == search["linearisation_ratio"]
+
+
+def test_closed_form_options_are_checked():
+    from peft_mape.methods import SecondOrder
+
+    with pytest.raises(ValueError, match="retain_tolerance"):
+        SecondOrder(retain_tolerance=-1)
+    with pytest.raises(ValueError, match="max_scale"):
+        SecondOrder(max_scale=0)
+
+
+def test_so_at_the_specification_scale_wrecks_a_memorised_model_and_the_line_search_does_not():
+    """On a model that memorised its training set the empirical Fisher is ~0, so the scale-1 SO
+    step is huge; the default keeps the retain loss in budget (or applies nothing, and says so)."""
+    model, forget, retain = memorised_model("bert", epochs=40, lr=3e-3)
+    spec = get_peft_model(model, MAPEConfig(sparsity=0.5)).unlearn(forget, retain, method="so", line_search=False,
+                                                                   num_train_examples=30, progress=False)
+    assert spec.retain_loss_after > spec.retain_loss_before + 1.0
+    model, forget, retain = memorised_model("bert", epochs=40, lr=3e-3)
+    default = get_peft_model(model, MAPEConfig(sparsity=0.5)).unlearn(forget, retain, method="so",
+                                                                      num_train_examples=30, progress=False)
+    search = default.diagnostics["line_search"]
+    assert default.retain_loss_after <= search["retain_loss_budget"] + 1e-6
+    if search["scale"] == 0.0:
+        assert default.update_norm == 0.0 and any("not selective" in w for w in default.warnings)
