@@ -10,8 +10,10 @@ same initialisation trained with the same recipe on the data without the forget 
 - ``lm-random``: a tiny Llama LM trained on a Markov "language" plus 32 random sequences it
   memorised. Forget metric: the mean loss on those sequences — higher is more forgotten.
 
-For each task and seed: the default call with a holdout (``holdout=``: clean data the model never
-saw, of the retain distribution) and without, against the original and the retrained model:
+For each task and seed, the default call in three variants: with a holdout of the forget set's
+kind (``matched holdout``: unseen examples mislabelled the same way; unseen random sequences),
+with a clean holdout (classifiers: unseen correctly labelled examples — what a user may pass
+first), and without a holdout; each against the original and the retrained model:
 share of the way from the original to the retrained model on the forget metric, retain and test
 change, loss-based MIA AUC (forget vs holdout), seconds. Writes JSON + Markdown + one plot.
 
@@ -106,6 +108,9 @@ def classification_data(kind: str, seed: int) -> dict:
     data = {split: sample(n) for split, n in SIZES.items()}
     for e in data["forget"]:
         e["labels"] = (e["labels"] + 1 + torch.randint(0, CLASSES - 1, (), generator=g)) % CLASSES
+    # The holdout of the forget set's kind: other unseen examples, mislabelled the same way.
+    data["matched_holdout"] = [dict(e, labels=(e["labels"] + 1 + torch.randint(0, CLASSES - 1, (), generator=g))
+                                    % CLASSES) for e in sample(SIZES["holdout"])]
     return data
 
 
@@ -127,9 +132,10 @@ def language_model_data(seed: int) -> dict:
     def lm(ids):
         return {"input_ids": ids, "attention_mask": torch.ones(len(ids), dtype=torch.long), "labels": ids.clone()}
 
+    holdout = [lm(random_sequence()) for _ in range(64)]  # unseen sequences like the forget set
     return {"train": [lm(markov()) for _ in range(SIZES["train"])],
             "forget": [lm(random_sequence()) for _ in range(SIZES["forget"])],
-            "holdout": [lm(random_sequence()) for _ in range(64)],  # unseen sequences like the forget set
+            "holdout": holdout, "matched_holdout": holdout,
             "test": [lm(markov()) for _ in range(SIZES["test"])]}
 
 
@@ -192,9 +198,11 @@ def run_task(task: str, seed: int, args) -> list[dict]:
     retrain_seconds = time.perf_counter() - t0
     reference = {"original": evaluate(original, data, causal), "retrained": evaluate(retrained, data, causal)}
     rows = []
-    for variant in ("holdout", "no-holdout"):
+    variants = {"matched holdout": {"holdout": data["matched_holdout"]}, "no holdout": {}}
+    if not causal:
+        variants["clean holdout"] = {"holdout": data["holdout"]}
+    for variant, kwargs in variants.items():
         model = get_peft_model(copy.deepcopy(original), peft_mape.MAPEConfig())
-        kwargs = {"holdout": data["holdout"]} if variant == "holdout" else {}
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -214,7 +222,7 @@ def run_task(task: str, seed: int, args) -> list[dict]:
             "retain_change": metrics["train_loss" if causal else "train_acc"] - o["train_loss" if causal else "train_acc"],
             "mia_auc": {"original": o["mia_auc"], "unlearned": metrics["mia_auc"], "retrained": r["mia_auc"]},
             "seconds": seconds, "retrain_seconds": retrain_seconds, "train_seconds": train_seconds,
-            "steps": report.steps, "stopped": report.diagnostics.get("stop_reason", ""),
+            "steps": report.steps, "stopped": report.diagnostics.get("stopping", {}).get("stop_reason", ""),
             "warnings": report.warnings, "metrics": {"original": o, "unlearned": metrics, "retrained": r},
         }
         rows.append(row)
@@ -222,7 +230,7 @@ def run_task(task: str, seed: int, args) -> list[dict]:
               f"(retrain {row['retrained']:6.2f}, share {row['share_to_retrain']:+.2f})  test "
               f"{row['test_change']:+6.2f}  retain {row['retain_change']:+6.2f}  AUC {o['mia_auc']:.2f}->"
               f"{metrics['mia_auc']:.2f} (retrain {r['mia_auc']:.2f})  steps {report.steps:3d}  "
-              f"{seconds:5.1f}s  {row['stopped']}", flush=True)
+              f"{seconds:5.1f}s  {row['stopped'][:40]}", flush=True)
     return rows
 
 
@@ -259,7 +267,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for variant, marker in (("holdout", "o"), ("no-holdout", "x")):
+    for variant, marker in (("matched holdout", "o"), ("clean holdout", "s"), ("no holdout", "x")):
         chosen = [r for r in rows if r["variant"] == variant]
         ax.scatter([r["share_to_retrain"] for r in chosen], [r["test_change"] for r in chosen], marker=marker,
                    label=variant)

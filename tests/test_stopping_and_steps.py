@@ -88,6 +88,25 @@ def test_a_forget_set_that_already_looks_unseen_gets_no_update(memorised):
     assert any("already looks unseen" in w for w in report.warnings)
 
 
+def test_a_holdout_unlike_the_forget_set_is_not_taken_for_unseen(memorised):
+    """Mislabelled examples keep a higher loss than clean held-out data even while the model fits
+    them; a holdout with lower losses than the forget set says nothing about "unseen" (here: the
+    memorised training sequences play the clean holdout, unseen sequences the forget set)."""
+    model, forget, retain = _fresh(memorised)
+    report = model.unlearn(_unseen(), retain, method="graddiff", lr=1e-2, max_steps=5, holdout=forget + retain[:6],
+                           progress=False)
+    assert report.steps == 5 and report.trainable_parameters > 0  # not "already looks unseen"
+    assert any("not distributed like the forget set" in w for w in report.warnings)
+    from peft_mape.baselines import salun_unlearn
+
+    trained, _, retain = memorised
+    plain = tiny_model("llama")
+    plain.load_state_dict(trained.state_dict())
+    salun = salun_unlearn(plain.eval(), _unseen(), retain, method="ga", max_steps=3,
+                          lr=1e-2, density=0.1, holdout=forget + retain[:6])
+    assert salun["steps"] == 3 and any("not distributed like the forget set" in w for w in salun["warnings"])
+
+
 def test_the_line_search_keeps_so_within_the_retain_budget(memorised):
     model, forget, retain = _fresh(memorised)
     spec_model, _, _ = _fresh(memorised)

@@ -59,6 +59,6 @@ def lora_unlearn(model, forget, retain=None, *, method: str = "ga", lora_config=
         "forget_loss_before": forget_before, "forget_loss_after": forget_after,
         "retain_loss_before": retain_before, "retain_loss_after": retain_after,
         "steps": loop.steps, "stopped_early": loop.stopped_early, "forget_loss_target": target_mean(target),
-        "stopping": loop.stopping(target),
+        "stopping": loop.stopping(target), "warnings": loop.warnings,
         "hyperparameters": loop_hyperparameters(update_loss, data), "seconds": seconds,
     }

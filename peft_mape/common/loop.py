@@ -75,6 +75,14 @@ class HoldoutTarget:
         return (f"loss membership AUC of forget vs {self.holdout_losses.numel()} holdout examples <= "
                 f"{0.5 + self.tolerance:.2f}")
 
+    def mismatch_warning(self, auc: float) -> str:
+        return (f"before any update the forget set looked less seen than the holdout (membership AUC {auc:.2f} < "
+                f"{0.5 - self.tolerance:.2f}): the holdout is not distributed like the forget set (e.g. clean "
+                "held-out data for a request of mislabelled examples, whose losses stay high while the model fits "
+                "them), so it cannot say when the forget set looks unseen. Ran the step budget instead; pass "
+                "held-out examples of the forget set's kind (for mislabelled data: held-out examples whose labels "
+                "were corrupted the same way)")
+
 
 @dataclass
 class UnlearningMethod(abc.ABC):
@@ -210,6 +218,7 @@ class LoopResult:
     forget_loss_trace: list[float] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
     stop_reason: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def stopping(self, target) -> dict:
         """The report's account of the stopping: criterion, every check, and why the loop ended."""
@@ -239,7 +248,8 @@ def check_target(model, loader, target: "float | HoldoutTarget", *, loss_fn=None
     if isinstance(target, HoldoutTarget):
         losses = example_losses(model, loader, loss_fn, device=device)
         auc = target.auc(losses)
-        return {"step": step, "forget_loss": float(losses.mean()), "auc": auc, "reached": auc <= 0.5 + target.tolerance}
+        return {"step": step, "forget_loss": float(losses.mean()), "auc": auc, "reached": auc <= 0.5 + target.tolerance,
+                "mismatched": step == 0 and auc < 0.5 - target.tolerance}
     mean = known_mean if known_mean is not None else mean_loss(model, loader, loss_fn, device=device)
     return {"step": step, "forget_loss": mean, "reached": mean >= target}
 
@@ -261,7 +271,7 @@ def target_mean(target: "Optional[float | HoldoutTarget]") -> Optional[float]:
 
 
 def _record(result: LoopResult, check: dict) -> bool:
-    result.checks.append({k: v for k, v in check.items() if k != "reached"})
+    result.checks.append({k: v for k, v in check.items() if k not in ("reached", "mismatched")})
     result.forget_loss_trace.append(check["forget_loss"])
     return check["reached"]
 
@@ -295,7 +305,11 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
     if target is not None:
         cap = target.level if isinstance(target, HoldoutTarget) else float(target)
         first = initial_check or check_target(model, check, target, loss_fn=loss_fn, device=device)
-        if _record(result, first):
+        if first.get("mismatched"):
+            _record(result, first)
+            result.warnings.append(target.mismatch_warning(first["auc"]))
+            target = cap = None
+        elif _record(result, first):
             result.stopped_early, result.stop_reason = True, "the forget set already looked unseen: no step"
             return result
     max_steps = method.max_steps

@@ -191,10 +191,12 @@ def update(tuner, adapter_name: str, method: UnlearningMethod, data: UnlearningD
         if not isinstance(method, LoopMethod):
             raise TypeError(f"method must be a LoopMethod or a ClosedFormMethod, got {type(method).__name__}")
         if target is None:
-            data.report_warnings.append("no holdout/forget_loss_target: ran the full step budget without early stopping")
+            data.report_warnings.append("no holdout/forget_loss_target: ran the full step budget without early stopping "
+                                        "(pass holdout=: held-out examples of the forget set's kind)")
         lr = method.step_size(full_parameter)
         loop = optimise(tuner.model, params, method, data.loop_data(), lr=lr, target=target,
                         initial_check=initial_check, reference=lambda: tuner.muted([adapter_name]))
+        data.report_warnings.extend(loop.warnings)
         return UpdateOutcome(steps=loop.steps, stopped_early=loop.stopped_early, lr=lr,
                              diagnostics={"forget_loss_trace": loop.forget_loss_trace, "stopping": loop.stopping(target)})
 

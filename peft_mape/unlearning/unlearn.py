@@ -99,13 +99,16 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
             first_check = check_target(data.model, data.forget_eval_loader, target, loss_fn=data.loss_fn,
                                        device=data.device, known_mean=forget_before)
         forget_before = first_check["forget_loss"]
-        if first_check["reached"]:
+        if first_check.get("mismatched"):  # the holdout cannot tell when the forget set looks unseen
+            data.report_warnings.append(target.mismatch_warning(first_check["auc"]))
+            target, first_check = None, None
+        elif first_check["reached"]:
             # The forget set already looks unseen (e.g. examples the model never fit): there is
             # nothing to undo, so no statistics, selection or update.
             data.report_warnings.append(f"the forget set already looks unseen ({target_summary(target)['criterion']}):"
                                         " no update")
             losses = Measurements(forget_before, forget_before, target=target_mean(target))
-            stopping = dict(target_summary(target), checks=[{k: v for k, v in first_check.items() if k != "reached"}],
+            stopping = dict(target_summary(target), checks=[{k: v for k, v in first_check.items() if k not in ("reached", "mismatched")}],
                             stop_reason="the forget set already looked unseen: no step")
             return build_report(tuner, adapter_name, method, data, result=None,
                                 outcome=UpdateOutcome(stopped_early=True, diagnostics={"stopping": stopping}),
