@@ -201,7 +201,11 @@ def run_task(task: str, seed: int, args) -> list[dict]:
     variants = {"matched holdout": {"holdout": data["matched_holdout"]}, "no holdout": {}}
     if not causal:
         variants["clean holdout"] = {"holdout": data["holdout"]}
+    chosen = [v.strip() for v in args.variants.split(",")] if args.variants else list(variants)
     for variant, kwargs in variants.items():
+        if variant not in chosen:
+            continue
+        kwargs = dict(kwargs, **json.loads(args.options))
         model = get_peft_model(copy.deepcopy(original), peft_mape.MAPEConfig())
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -291,6 +295,10 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=40, help="training epochs of the original and the retrain")
     parser.add_argument("--lr", type=float, default=3e-3, help="training step size")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--options", default="{}",
+                        help='JSON of unlearn() options instead of the defaults, e.g. \'{"per_example_cap": false}\'')
+    parser.add_argument("--variants", default="", help="comma-separated subset of: matched holdout, no holdout, "
+                        "clean holdout")
     parser.add_argument("--out", default="benchmarks/results/task_matrix")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -52,13 +52,16 @@ class HoldoutTarget:
     """
 
     holdout_losses: torch.Tensor
-    tolerance: float = 0.05
+    tolerance: float = 0.02
+    mismatch_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.holdout_losses.numel():
             raise ValueError("the holdout is empty: a membership target needs held-out examples")
         if not 0.0 <= self.tolerance < 0.5:
             raise ValueError(f"tolerance must be in [0, 0.5), got {self.tolerance}")
+        if not 0.0 <= self.mismatch_margin < 0.5:
+            raise ValueError(f"mismatch_margin must be in [0, 0.5), got {self.mismatch_margin}")
 
     @property
     def level(self) -> float:
@@ -77,7 +80,7 @@ class HoldoutTarget:
 
     def mismatch_warning(self, auc: float) -> str:
         return (f"before any update the forget set looked less seen than the holdout (membership AUC {auc:.2f} < "
-                f"{0.5 - self.tolerance:.2f}): the holdout is not distributed like the forget set (e.g. clean "
+                f"{0.5 - self.mismatch_margin:.2f}): the holdout is not distributed like the forget set (e.g. clean "
                 "held-out data for a request of mislabelled examples, whose losses stay high while the model fits "
                 "them), so it cannot say when the forget set looks unseen. Ran the step budget instead; pass "
                 "held-out examples of the forget set's kind (for mislabelled data: held-out examples whose labels "
@@ -125,6 +128,15 @@ class LoopMethod(UnlearningMethod):
             target's level stops being pushed (its weight in the forget term is 0), so the push
             goes to the examples still memorised instead of making forgotten ones ever worse;
             ``False`` gives the plain method.
+        step_control: with a stopping target, the step size adapts at each check: it doubles
+            while the target is not reached and the retain loss (no-grad, on the report's retain
+            sample) stays within ``retain_tolerance`` of where it started, and halves when the
+            retain loss is beyond it; between ``lr`` / 8 and ``lr`` x ``max_lr_growth``. So one
+            default ``lr`` serves models whose weights and losses differ in scale: a small model
+            far from its target speeds up, a large one near its retain limit slows down.
+        retain_tolerance: relative rise of the retain loss the step control allows (at least
+            ``retain_tolerance`` x 0.1 nats, see :func:`retain_budget`).
+        max_lr_growth: the largest factor the step control may raise ``lr`` by.
     """
 
     lr: Optional[float] = None
@@ -133,6 +145,9 @@ class LoopMethod(UnlearningMethod):
     max_grad_norm: float = 1.0
     kl_weight: float = 0.0
     per_example_cap: bool = True
+    step_control: bool = True
+    retain_tolerance: float = 1.0
+    max_lr_growth: float = 64.0
 
     # Forget losses of the reference model (this adapter muted) are computed for the loss.
     needs_reference: ClassVar[bool] = False
@@ -176,6 +191,10 @@ class LoopMethod(UnlearningMethod):
             raise ValueError(f"method '{self.name}': max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.kl_weight < 0:
             raise ValueError(f"method '{self.name}': kl_weight must be >= 0, got {self.kl_weight}")
+        if not self.retain_tolerance >= 0:
+            raise ValueError(f"method '{self.name}': retain_tolerance must be >= 0, got {self.retain_tolerance}")
+        if not self.max_lr_growth >= 1:
+            raise ValueError(f"method '{self.name}': max_lr_growth must be >= 1, got {self.max_lr_growth}")
 
 
 
@@ -196,12 +215,14 @@ class LoopData:
 
     ``forget``: the batches the loss calls "forget" (cycled); ``retain``: shuffled retain batches
     (cycled, read when the method needs them); ``check``: the forget set batched for the no-grad
-    stopping checks (default ``forget``).
+    stopping checks (default ``forget``); ``retain_check``: retain batches for the step control's
+    no-grad retain loss (none: no step control).
     """
 
     forget: Any
     retain: Any = None
     check: Any = None
+    retain_check: Any = None
     loss_fn: Optional[Callable] = None
     device: Any = "cpu"
     progress: bool = True
@@ -219,10 +240,14 @@ class LoopResult:
     checks: list[dict] = field(default_factory=list)
     stop_reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    retain_loss_budget: Optional[float] = None  # the step control's trust region, when it ran
 
     def stopping(self, target) -> dict:
         """The report's account of the stopping: criterion, every check, and why the loop ended."""
-        return dict(target_summary(target), checks=self.checks, stop_reason=self.stop_reason)
+        out = dict(target_summary(target), checks=self.checks, stop_reason=self.stop_reason)
+        if self.retain_loss_budget is not None:
+            out["retain_loss_budget"] = self.retain_loss_budget
+        return out
 
 
 def example_losses(model, loader, loss_fn=None, *, device) -> torch.Tensor:
@@ -240,6 +265,12 @@ def mean_loss(model, loader, loss_fn=None, *, device) -> float:
     return float(losses.sum()) / max(losses.numel(), 1)
 
 
+def retain_budget(retain_before: float, tolerance: float) -> float:
+    """The highest retain loss an update may reach: ``tolerance`` relative to the loss, and never
+    less than ``tolerance`` x 0.1 nats absolute (a memorised retain set has a loss near 0)."""
+    return retain_before + tolerance * max(abs(retain_before), 0.1)
+
+
 def check_target(model, loader, target: "float | HoldoutTarget", *, loss_fn=None, device, step: int = 0,
                  known_mean: Optional[float] = None) -> dict:
     """One stopping check over the forget ``loader``: ``{"step", "forget_loss", "reached"}`` and,
@@ -249,7 +280,7 @@ def check_target(model, loader, target: "float | HoldoutTarget", *, loss_fn=None
         losses = example_losses(model, loader, loss_fn, device=device)
         auc = target.auc(losses)
         return {"step": step, "forget_loss": float(losses.mean()), "auc": auc, "reached": auc <= 0.5 + target.tolerance,
-                "mismatched": step == 0 and auc < 0.5 - target.tolerance}
+                "mismatched": step == 0 and auc < 0.5 - target.mismatch_margin}
     mean = known_mean if known_mean is not None else mean_loss(model, loader, loss_fn, device=device)
     return {"step": step, "forget_loss": mean, "reached": mean >= target}
 
@@ -268,6 +299,45 @@ def target_mean(target: "Optional[float | HoldoutTarget]") -> Optional[float]:
     if target is None:
         return None
     return target.mean if isinstance(target, HoldoutTarget) else float(target)
+
+
+class _StepControl:
+    """A trust region on the retain loss for the loop (``LoopMethod.step_control``): at each check
+    the weights are accepted when the retain loss is within budget (then the step size doubles
+    while the target is not reached) or rolled back to the last accepted weights with a halved
+    step size and a fresh optimizer state, so the update never ends beyond the budget."""
+
+    def __init__(self, model, params, optimizer, method: LoopMethod, data: LoopData, lr: float):
+        self.model, self.params, self.optimizer, self.data = model, params, optimizer, data
+        self.budget = retain_budget(self.retain_loss(), method.retain_tolerance)
+        self.lowest, self.highest = lr / 8, lr * method.max_lr_growth
+        self.accepted = [p.detach().clone() for p in params]
+
+    def retain_loss(self) -> float:
+        return mean_loss(self.model, self.data.retain_check, self.data.loss_fn, device=self.data.device)
+
+    def set_lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+    def after_check(self, check: dict, reached: bool) -> bool:
+        """Accept or roll back; returns whether the target counts as reached."""
+        retain = self.retain_loss()
+        current = self.optimizer.param_groups[0]["lr"]
+        check["retain_loss"] = retain
+        if retain <= self.budget:
+            self.accepted = [p.detach().clone() for p in self.params]
+            if not reached:
+                self.set_lr(min(current * 2, self.highest))
+            check["next_lr"] = self.optimizer.param_groups[0]["lr"]
+            return reached
+        with torch.no_grad():
+            for param, kept in zip(self.params, self.accepted):
+                param.copy_(kept)
+        self.optimizer.state.clear()
+        self.set_lr(max(current / 2, self.lowest))
+        check.update(rolled_back=True, next_lr=self.optimizer.param_groups[0]["lr"])
+        return False
 
 
 def _record(result: LoopResult, check: dict) -> bool:
@@ -312,6 +382,10 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
         elif _record(result, first):
             result.stopped_early, result.stop_reason = True, "the forget set already looked unseen: no step"
             return result
+    controlled = target is not None and method.step_control and data.retain_check is not None
+    if controlled:
+        control = _StepControl(model, params, optimizer, method, data, lr)
+        result.retain_loss_budget = control.budget
     max_steps = method.max_steps
     bar = tqdm(total=max_steps, desc=f"update ({method.name})", disable=not data.progress, leave=False)
     with eval_mode(model):
@@ -343,7 +417,8 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
             if target is not None and (step % method.eval_every == 0 or step == max_steps):
                 reached = _record(result, check_target(model, check, target, loss_fn=loss_fn, device=device,
                                                        step=step))
-                bar.set_postfix(**{k: f"{v:.3f}" for k, v in result.checks[-1].items() if k != "step"})
+                if controlled:
+                    reached = control.after_check(result.checks[-1], reached)
                 if reached:
                     result.stopped_early, result.stop_reason = True, f"target reached at step {step}"
                     break

@@ -122,7 +122,8 @@ class UnlearningData:
     def loop_data(self) -> LoopData:
         """The batches of the update loop: forget batches, shuffled retain batches, sorted checks."""
         return LoopData(forget=self.forget_loader, retain=self.train_loader, check=self.forget_eval_loader,
-                        loss_fn=self.loss_fn, device=self.device, progress=self.progress)
+                        retain_check=self.report_loader, loss_fn=self.loss_fn, device=self.device,
+                        progress=self.progress)
 
     def mean_loss(self, loader) -> float:
         return mean_loss(self.model, loader, self.loss_fn, device=self.device)

@@ -22,15 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..common.loop import check_target, mean_loss
+from ..common.loop import check_target, mean_loss, retain_budget
 
 MIN_SCALE = 2.0 ** -10  # below this the step is noise: no update instead
-
-
-def retain_budget(retain_before: float, tolerance: float) -> float:
-    """The highest retain loss a step may leave: ``tolerance`` relative to the loss, and never
-    less than ``tolerance`` x 0.1 nats absolute (a memorised retain set has a loss near 0)."""
-    return retain_before + tolerance * max(abs(retain_before), 0.1)
 
 
 def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.Tensor], data, *,
