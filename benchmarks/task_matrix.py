@@ -41,6 +41,7 @@ from peft import get_peft_model  # noqa: E402
 from peft_mape.common.data import make_eval_loader, make_loader, per_example_losses  # noqa: E402
 from peft_mape.common.modes import eval_mode  # noqa: E402
 from peft_mape.evaluation.classification import loss_mia_auc  # noqa: E402
+from mape_devkit.tiny import model_from_config  # noqa: E402
 
 CLASSIFIERS = ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2", "vit")
 VOCAB, LENGTH, CLASSES = 64, 12, 3
@@ -73,17 +74,7 @@ def tiny_config(kind: str, causal: bool = False):
 
 
 def new_model(kind: str, seed: int, causal: bool = False):
-    torch.manual_seed(seed)
-    config = tiny_config(kind)
-    if causal:
-        auto = T.AutoModelForCausalLM
-    elif kind == "vit":
-        auto = T.AutoModelForImageClassification
-    else:
-        auto = T.AutoModelForSequenceClassification
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return auto.from_config(config).eval()
+    return model_from_config(tiny_config(kind), causal=causal, seed=seed)
 
 
 # ----------------------------------------------------------------------------- data

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 import transformers as T
 
 import peft_mape  # noqa: F401  (registers the MAPE tuner)
+from mape_devkit.tiny import model_from_config
 
 VOCAB = 40
 SEQ_CLS = ("bert", "roberta", "distilbert")
@@ -40,18 +40,7 @@ def tiny_config(kind: str):
 
 
 def tiny_model(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    config = tiny_config(kind)
-    if kind in CAUSAL:
-        auto = T.AutoModelForCausalLM
-    elif kind == "vit":
-        auto = T.AutoModelForImageClassification
-    else:
-        auto = T.AutoModelForSequenceClassification
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = auto.from_config(config)
-    return model.eval()
+    return model_from_config(tiny_config(kind), causal=kind in CAUSAL, seed=seed)
 
 
 def tiny_examples(kind: str, n: int, seed: int = 0, length: int = 6, vary_length: bool = True):

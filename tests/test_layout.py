@@ -1,6 +1,6 @@
 """The package's layers import one way: common <- tuner <- unlearning <- baselines / evaluation
-<- reporting <- cli; evaluation imports only common; s3t stands alone; importing peft_mape
-registers the MAPE type and nothing else in PEFT is replaced but the save of MAPE models."""
+<- reporting <- cli; evaluation imports only common; s3t stands alone (that importing peft_mape
+replaces nothing in PEFT is tested in test_persistence)."""
 
 from __future__ import annotations
 
