@@ -32,7 +32,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import transformers as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,7 +40,7 @@ from peft import get_peft_model  # noqa: E402
 from peft_mape.common.data import make_eval_loader, make_loader, per_example_losses  # noqa: E402
 from peft_mape.common.modes import eval_mode  # noqa: E402
 from peft_mape.evaluation.classification import loss_mia_auc  # noqa: E402
-from mape_devkit.tiny import model_from_config  # noqa: E402
+from mape_devkit.tiny import model_from_config, tiny_config  # noqa: E402
 
 CLASSIFIERS = ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2", "vit")
 VOCAB, LENGTH, CLASSES = 64, 12, 3
@@ -49,32 +48,10 @@ SIZES = dict(train=288, forget=32, holdout=128, test=256)
 
 
 # ----------------------------------------------------------------------------- models
-def tiny_config(kind: str, causal: bool = False):
-    """Hidden 64, 2 layers, 4 heads (GQA with 2 key/value heads for llama/qwen2)."""
-    common = dict(num_labels=CLASSES)
-    if kind in ("bert", "roberta"):
-        cls = T.BertConfig if kind == "bert" else T.RobertaConfig
-        return cls(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=128, max_position_embeddings=64, pad_token_id=1, **common)
-    if kind == "distilbert":
-        return T.DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
-                                  max_position_embeddings=64, pad_token_id=0, **common)
-    if kind == "gpt2":
-        return T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64,
-                            bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)
-    if kind in ("llama", "qwen2"):
-        cls = T.LlamaConfig if kind == "llama" else T.Qwen2Config
-        return cls(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
-                   bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)
-    if kind == "vit":
-        return T.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=128, **common)
-    raise KeyError(kind)
-
-
 def new_model(kind: str, seed: int, causal: bool = False):
-    return model_from_config(tiny_config(kind), causal=causal, seed=seed)
+    """Hidden 64, 2 layers, 4 heads (GQA with 2 key/value heads for llama/qwen2)."""
+    config = tiny_config(kind, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_labels=CLASSES)
+    return model_from_config(config, causal=causal, seed=seed)
 
 
 # ----------------------------------------------------------------------------- data
@@ -218,6 +195,7 @@ def run_task(task: str, seed: int, args) -> list[dict]:
             "mia_auc": {"original": o["mia_auc"], "unlearned": metrics["mia_auc"], "retrained": r["mia_auc"]},
             "seconds": seconds, "retrain_seconds": retrain_seconds, "train_seconds": train_seconds,
             "steps": report.steps, "stopped": report.diagnostics.get("stopping", {}).get("stop_reason", ""),
+            "checks": report.diagnostics.get("stopping", {}).get("checks", []),
             "warnings": report.warnings, "metrics": {"original": o, "unlearned": metrics, "retrained": r},
         }
         rows.append(row)

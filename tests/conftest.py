@@ -9,6 +9,7 @@ import transformers as T
 
 import peft_mape  # noqa: F401  (registers the MAPE tuner)
 from mape_devkit.tiny import model_from_config
+from mape_devkit.tiny import tiny_config as shared_tiny_config
 
 VOCAB = 40
 SEQ_CLS = ("bert", "roberta", "distilbert")
@@ -17,26 +18,7 @@ ARCHITECTURES = SEQ_CLS + CAUSAL + ("vit",)
 
 
 def tiny_config(kind: str):
-    common = dict(num_labels=3)
-    if kind in ("bert", "roberta"):
-        cls = T.BertConfig if kind == "bert" else T.RobertaConfig
-        return cls(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=24, max_position_embeddings=64, pad_token_id=1, **common)
-    if kind == "distilbert":
-        return T.DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=4, hidden_dim=24,
-                                  max_position_embeddings=64, **common)
-    if kind == "gpt2":
-        return T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_inner=24, n_positions=64,
-                            bos_token_id=0, eos_token_id=0)
-    if kind in ("llama", "mistral", "qwen2"):
-        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[kind]
-        return cls(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64,
-                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    if kind == "vit":
-        return T.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=24, **common)
-    raise KeyError(kind)
+    return shared_tiny_config(kind, vocab_size=VOCAB)
 
 
 def tiny_model(kind: str, seed: int = 0):
