@@ -10,7 +10,7 @@ from peft_mape.baselines import (
     lora_unlearn, retrain, salun_unlearn, saliency_candidates, weight_saliency_mask,
 )
 from peft_mape.common.data import make_loader
-from peft_mape.common.loop import mean_loss
+from peft_mape.common.stopping import mean_loss
 
 from conftest import tiny_examples, tiny_model
 

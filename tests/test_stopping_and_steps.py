@@ -7,10 +7,11 @@ import torch
 from peft import get_peft_model
 
 from peft_mape import MAPEConfig
-from peft_mape.common.loop import HoldoutTarget, StepLosses
+from peft_mape.common.loop import StepLosses
+from peft_mape.common.stopping import HoldoutTarget, StepControl
 from peft_mape.common.membership import loss_mia_auc
 from peft_mape.methods import NPO, GradDiff, GradientAscent
-from peft_mape.common.loop import retain_budget
+from peft_mape.common.stopping import retain_budget
 
 from conftest import memorised_model, tiny_examples, tiny_model
 
@@ -70,9 +71,12 @@ def test_holdout_stopping_records_each_check_and_why_it_stopped(memorised):
     assert stopping["criterion"].startswith("loss membership AUC") and "<= 0.52" in stopping["criterion"]
     assert stopping["checks"][0]["step"] == 0 and stopping["checks"][0]["auc"] > 0.9  # memorised: members
     aucs = [c["auc"] for c in stopping["checks"]]
-    if report.stopped_early:
-        assert aucs[-1] <= 0.52 and all(a > 0.52 for a in aucs[:-1])
+    if stopping["stop_reason"].startswith("target reached"):
+        assert report.stopped_early and aucs[-1] <= 0.52 and all(a > 0.52 for a in aucs[:-1])
         assert stopping["stop_reason"] == f"target reached at step {report.steps}"
+    elif report.stopped_early:  # the step control stalled: it ends on its last accepted weights
+        assert "smallest step size" in stopping["stop_reason"] and stopping["checks"][-1]["rolled_back"]
+        assert all(a > 0.52 for a in aucs)
     else:
         assert stopping["stop_reason"].startswith("step budget")
     # The report's target is the holdout's mean loss; the stop is on the AUC, not on that mean.
@@ -97,6 +101,7 @@ def test_a_holdout_unlike_the_forget_set_is_not_taken_for_unseen(memorised):
                            progress=False)
     assert report.steps == 5 and report.trainable_parameters > 0  # not "already looks unseen"
     assert any("not distributed like the forget set" in w for w in report.warnings)
+    assert not any(w.startswith("no holdout") for w in report.warnings)  # one warning, not two that disagree
     from peft_mape.baselines import salun_unlearn
 
     trained, _, retain = memorised
@@ -181,3 +186,36 @@ def test_the_step_control_grows_the_step_and_never_ends_beyond_the_retain_budget
                                 step_control=False, progress=False)
     assert all("next_lr" not in c for c in plain.diagnostics["stopping"]["checks"])
     assert "retain_loss_budget" not in plain.diagnostics["stopping"]
+
+
+def test_the_step_control_stalls_when_the_smallest_step_leaves_the_budget():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.Adam([weight], lr=0.8)
+    retain = iter([1.0, 1.0, 5.0, 5.0, 5.0, 5.0])  # start, one accepted check, then every check beyond budget
+    control = StepControl([weight], optimizer, lambda: next(retain), tolerance=0.5, lowest_lr=0.2, highest_lr=3.2)
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert control.after_check({}, reached=False) is False and optimizer.param_groups[0]["lr"] == 1.6
+    kept = weight.detach().clone()
+    lrs = []
+    for _ in range(4):
+        with torch.no_grad():
+            weight.add_(1.0)
+        check = {}
+        assert control.after_check(check, reached=False) is False and check["rolled_back"]
+        assert torch.equal(weight, kept)  # rolled back to the last accepted weights
+        lrs.append(check["next_lr"])
+        if control.stalled:
+            break
+    assert lrs == [0.8, 0.4, 0.2, 0.2] and control.stalled  # stalls only after a rollback at the lowest lr
+
+
+def test_the_loop_stops_at_the_last_accepted_weights_once_the_step_control_stalls(memorised):
+    model, forget, retain = _fresh(memorised)
+    report = model.unlearn(forget, retain, method="graddiff", holdout=_unseen(), max_steps=200,
+                           retain_tolerance=1e-6, progress=False)
+    stopping = report.diagnostics["stopping"]
+    # A budget of ~1e-7 nats binds almost at once: the loop stops instead of spending its 200 steps.
+    assert "smallest step size" in stopping["stop_reason"] and report.stopped_early
+    assert report.steps < 200 and stopping["checks"][-1]["rolled_back"]
+    assert report.retain_loss_after <= stopping["retain_loss_budget"] + 1e-6

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from ..common.loop import optimise, target_mean
+from ..common.loop import optimise
+from ..common.stopping import target_mean
 from ..tuner.architectures import resolve_architecture
 from .shared import baseline_setup, forget_and_retain_losses, loop_hyperparameters
 

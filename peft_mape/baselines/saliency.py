@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from ..common.data import per_example_losses, to_device
-from ..common.loop import optimise, target_mean
+from ..common.loop import optimise
+from ..common.stopping import target_mean
 from ..common.modes import eval_mode, gradients_only_for
 from ..tuner.architectures import resolve_architecture
 from .shared import baseline_setup, forget_and_retain_losses, loop_hyperparameters, model_device

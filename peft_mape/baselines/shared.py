@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..common.loop import mean_loss
+from ..common.stopping import mean_loss
 from ..unlearning.methods import LoopMethod
 from ..unlearning.preparation import UnlearningData, holdout_target, prepare
 from ..unlearning.unlearn import resolve_run

@@ -175,10 +175,12 @@ def train_size(data: UnlearningData, method: ClosedFormMethod) -> int:
 
 
 def update(tuner, adapter_name: str, method: UnlearningMethod, data: UnlearningData, *,
-           target=None, full_parameter: bool = False, initial_check: Optional[dict] = None) -> UpdateOutcome:
+           target=None, full_parameter: bool = False, initial_check: Optional[dict] = None,
+           warn_without_target: bool = True) -> UpdateOutcome:
     """Change the selected deltas with ``method``: its closed-form step, or the optimisation loop
-    (stopped at ``target``, a :class:`peft_mape.common.loop.HoldoutTarget` or a mean forget loss;
-    ``initial_check`` is its first check when already made)."""
+    (stopped at ``target``, a :class:`peft_mape.common.stopping.HoldoutTarget` or a mean forget
+    loss; ``initial_check`` is its first check when already made). ``warn_without_target=False``
+    when the caller has already said why there is no target."""
     params = tuner.adapter_parameters(adapter_name)
     with data.timer.phase("update"):
         if isinstance(method, ClosedFormMethod):
@@ -190,7 +192,7 @@ def update(tuner, adapter_name: str, method: UnlearningMethod, data: UnlearningD
                                                                     num_train_examples=context.num_train_examples))
         if not isinstance(method, LoopMethod):
             raise TypeError(f"method must be a LoopMethod or a ClosedFormMethod, got {type(method).__name__}")
-        if target is None:
+        if target is None and warn_without_target:
             data.report_warnings.append("no holdout/forget_loss_target: ran the full step budget without early stopping "
                                         "(pass holdout=: held-out examples of the forget set's kind)")
         lr = method.step_size(full_parameter)

@@ -17,7 +17,8 @@ from ..common.data import (
     MIN_EVAL_BATCH_SIZE, drop_overlap, fingerprint, forward_arguments, make_eval_loader, make_loader, materialise,
     pad_token_id, validate_examples,
 )
-from ..common.loop import HoldoutTarget, LoopData, example_losses, mean_loss
+from ..common.loop import LoopData
+from ..common.stopping import HoldoutTarget, example_losses, mean_loss
 
 REPORT_RETAIN = 256  # retain examples behind the report's before/after retain loss
 MAX_RETAIN_EXAMPLES = 1024  # MAPEConfig.max_retain_examples' default: cost independent of |D_r|

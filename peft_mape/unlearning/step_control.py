@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..common.loop import check_target, mean_loss, retain_budget
+from ..common.stopping import check_target, mean_loss, retain_budget
 
 MIN_SCALE = 2.0 ** -10  # below this the step is noise: no update instead
 
@@ -41,7 +41,7 @@ def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.
         out = {"retain_loss": mean_loss(data.model, loader, data.loss_fn, device=data.device)}
         if target is not None:
             check = check_target(data.model, data.forget_eval_loader, target, loss_fn=data.loss_fn, device=data.device)
-            out.update({k: v for k, v in check.items() if k != "step"})
+            out.update({k: v for k, v in check.items() if k not in ("step", "mismatched")})
         else:
             out["forget_loss"] = mean_loss(data.model, data.forget_eval_loader, data.loss_fn, device=data.device)
         return out

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..common.data import fingerprint
-from ..common.loop import check_target, target_mean, target_summary
+from ..common.stopping import check_target, target_mean, target_summary
 from .report import UnlearnReport
 from .statistics import RetainStatistics
 from .methods import DEFAULT_METHOD, UnlearningMethod, resolve_method
@@ -93,7 +93,7 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
         hint = " (or pass retain_weight=0 for NPO without a retain term)" if method.name == "npo" else ""
         raise ValueError(f"method '{method.name}' needs a non-empty retain set{hint}")
     config = tuner.peft_config[adapter_name]
-    forget_before, first_check = forget_loss_before, None
+    forget_before, first_check, holdout_mismatched = forget_loss_before, None, False
     if target is not None:
         with data.timer.phase("evaluation"):
             first_check = check_target(data.model, data.forget_eval_loader, target, loss_fn=data.loss_fn,
@@ -101,7 +101,7 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
         forget_before = first_check["forget_loss"]
         if first_check.get("mismatched"):  # the holdout cannot tell when the forget set looks unseen
             data.report_warnings.append(target.mismatch_warning(first_check["auc"]))
-            target, first_check = None, None
+            target, first_check, holdout_mismatched = None, None, True
         elif first_check["reached"]:
             # The forget set already looks unseen (e.g. examples the model never fit): there is
             # nothing to undo, so no statistics, selection or update.
@@ -130,7 +130,7 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
             retain_before = data.mean_loss(data.report_loader)
     apply_selection(tuner, adapter_name, result, data)
     outcome = update(tuner, adapter_name, method, data, target=target, full_parameter=selection == "all",
-                     initial_check=first_check)
+                     initial_check=first_check, warn_without_target=not holdout_mismatched)
     forget_after, retain_after = measure(data)
     losses = Measurements(forget_before, forget_after, retain_before, retain_after, target_mean(target))
     return build_report(tuner, adapter_name, method, data, result=result, outcome=outcome, losses=losses)
