@@ -219,3 +219,37 @@ def test_the_loop_stops_at_the_last_accepted_weights_once_the_step_control_stall
     assert "smallest step size" in stopping["stop_reason"] and report.stopped_early
     assert report.steps < 200 and stopping["checks"][-1]["rolled_back"]
     assert report.retain_loss_after <= stopping["retain_loss_budget"] + 1e-6
+
+
+def test_the_default_step_budget_depends_on_whether_a_target_says_when_to_stop():
+    assert GradDiff().step_budget(with_target=True) == 300 and GradDiff().step_budget(with_target=False) == 100
+    assert GradDiff(max_steps=7).step_budget(with_target=True) == 7
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 0, got -1"):
+        GradDiff(max_steps=-1).validate()
+
+
+def test_without_a_target_the_trust_region_guards_but_never_grows_the_step(memorised):
+    model, forget, retain = _fresh(memorised)
+    report = model.unlearn(forget, retain, method="graddiff", progress=False)
+    stopping = report.diagnostics["stopping"]
+    base = report.hyperparameters["lr"]
+    assert "trust region" in stopping["criterion"] and report.steps <= 100
+    checks = stopping["checks"]
+    assert checks and all(c["next_lr"] <= base for c in checks)
+    assert report.retain_loss_after <= stopping["retain_loss_budget"] + 1e-6
+    assert any(w.startswith("no holdout") for w in report.warnings)
+
+
+def test_after_the_target_the_loop_settles_while_the_retain_loss_falls_and_the_target_holds(memorised):
+    model, forget, retain = _fresh(memorised)
+    first = model.unlearn(forget, retain, method="graddiff", forget_loss_target=2.0, settle=False, progress=False)
+    model, forget, retain = _fresh(memorised)
+    settled = model.unlearn(forget, retain, method="graddiff", forget_loss_target=2.0, progress=False)
+    reached_at = first.steps
+    assert first.diagnostics["stopping"]["stop_reason"] == f"target reached at step {reached_at}"
+    reason = settled.diagnostics["stopping"]["stop_reason"]
+    assert reason.startswith(f"target reached at step {reached_at}; the retain loss then fell")
+    assert settled.steps > reached_at and settled.stopped_early
+    # The weights it ends on still meet the target, with a lower retain loss than at the first hit.
+    assert settled.forget_loss_after >= 2.0
+    assert settled.retain_loss_after < first.retain_loss_after

@@ -193,8 +193,10 @@ def update(tuner, adapter_name: str, method: UnlearningMethod, data: UnlearningD
         if not isinstance(method, LoopMethod):
             raise TypeError(f"method must be a LoopMethod or a ClosedFormMethod, got {type(method).__name__}")
         if target is None and warn_without_target:
-            data.report_warnings.append("no holdout/forget_loss_target: ran the full step budget without early stopping "
-                                        "(pass holdout=: held-out examples of the forget set's kind)")
+            data.report_warnings.append("no holdout/forget_loss_target: nothing says when the forget set looks unseen, "
+                                        "so the update ran at a fixed step size until the step budget or the "
+                                        "retain-loss budget ended it (pass holdout=: held-out examples of the forget "
+                                        "set's kind)")
         lr = method.step_size(full_parameter)
         loop = optimise(tuner.model, params, method, data.loop_data(), lr=lr, target=target,
                         initial_check=initial_check, reference=lambda: tuner.muted([adapter_name]))
