@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import forward_with_losses, per_example_kl, per_example_losses, to_device
 from .modes import eval_mode
-from .stopping import HoldoutTarget, StepControl, check_target, mean_loss, target_summary
+from .stopping import HoldoutTarget, StepControl, check_target, mean_loss, restore, snapshot, target_summary
 
 
 @dataclass
@@ -324,12 +324,9 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
                     if settling is not None:
                         retain = result.checks[-1]["retain_loss"]
                         if reached and not control.stalled and retain < settling["retain_loss"]:
-                            settling.update(retain_loss=retain, step=step,
-                                            weights=[p.detach().clone() for p in params])
+                            settling.update(retain_loss=retain, step=step, weights=snapshot(params))
                             continue
-                        with torch.no_grad():
-                            for param, kept in zip(params, settling["weights"]):
-                                param.copy_(kept)
+                        restore(params, settling["weights"])
                         result.stopped_early = True
                         result.stop_reason = _settled_reason(settling)
                         break
@@ -341,7 +338,7 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
                         break
                 if reached and controlled and method.settle:
                     settling = {"reached_at": step, "step": step, "retain_loss": result.checks[-1]["retain_loss"],
-                                "weights": [p.detach().clone() for p in params]}
+                                "weights": snapshot(params)}
                     continue
                 if reached:
                     result.stopped_early, result.stop_reason = True, f"target reached at step {step}"

@@ -117,6 +117,18 @@ def target_mean(target: "Optional[float | HoldoutTarget]") -> Optional[float]:
     return target.mean if isinstance(target, HoldoutTarget) else float(target)
 
 
+def snapshot(params) -> list[torch.Tensor]:
+    """Detached copies of ``params``, to :func:`restore` later."""
+    return [p.detach().clone() for p in params]
+
+
+def restore(params, kept: list[torch.Tensor]) -> None:
+    """Copy a :func:`snapshot` back into ``params`` in place."""
+    with torch.no_grad():
+        for param, value in zip(params, kept):
+            param.copy_(value)
+
+
 class StepControl:
     """A trust region on the retain loss for the loop (``LoopMethod.step_control``): at each check
     the weights are accepted when the retain loss is within budget (then the step size doubles
@@ -132,7 +144,7 @@ class StepControl:
         self.params, self.optimizer, self.retain_loss = params, optimizer, retain_loss
         self.budget = retain_budget(retain_loss(), tolerance)
         self.lowest, self.highest = lowest_lr, highest_lr
-        self.accepted = [p.detach().clone() for p in params]
+        self.accepted = snapshot(params)
         self.stalled = False
 
     def set_lr(self, value: float) -> None:
@@ -145,14 +157,12 @@ class StepControl:
         current = self.optimizer.param_groups[0]["lr"]
         check["retain_loss"] = retain
         if retain <= self.budget:
-            self.accepted = [p.detach().clone() for p in self.params]
+            self.accepted = snapshot(self.params)
             if not reached:
                 self.set_lr(min(current * 2, self.highest))
             check["next_lr"] = self.optimizer.param_groups[0]["lr"]
             return reached
-        with torch.no_grad():
-            for param, kept in zip(self.params, self.accepted):
-                param.copy_(kept)
+        restore(self.params, self.accepted)
         self.optimizer.state.clear()
         self.stalled = current <= self.lowest
         self.set_lr(max(current / 2, self.lowest))
