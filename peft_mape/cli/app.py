@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=OBJECTIVE_CHOICES,
                    help="mask-search objective (default: the config's, mlr)")
     p.add_argument("--lr", type=float, help="learning rate of loop methods (default: the method's)")
-    p.add_argument("--max-steps", type=int, metavar="N", help="step budget of loop methods (default: 300 with a holdout, 100 without)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="step budget of loop methods (default: 300 with a stopping target, 100 without)")
     p.add_argument("--forget-loss-target", type=float, metavar="LOSS", help="stop target instead of --holdout")
     p.add_argument("--retain-weight", type=float, metavar="W",
                    help="weight of the retain loss of graddiff / npo (default: the method's, 1.0)")

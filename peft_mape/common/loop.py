@@ -323,7 +323,8 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
                     reached = control.after_check(result.checks[-1], reached)
                     if settling is not None:
                         retain = result.checks[-1]["retain_loss"]
-                        if reached and not control.stalled and retain < settling["retain_loss"]:
+                        # A rollback, stalled or not, never counts as reached.
+                        if reached and retain < settling["retain_loss"]:
                             settling.update(retain_loss=retain, step=step, weights=snapshot(params))
                             continue
                         restore(params, settling["weights"])
