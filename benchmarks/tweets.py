@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import datetime
 import importlib.util
 import json
 import random
@@ -72,6 +73,9 @@ METHODS = [
 FULL = {"selection": "all"}
 
 
+PARTS = ("scenarios", "successive")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retain-sample", type=int, default=1024,
@@ -83,7 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke run: small sets, few rows")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {', '.join(PARTS)}; a part left out keeps its results from the "
+                        "existing JSON in --out (each part records when it was measured)")
     args, rest = p.parse_known_args(argv)
+    args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    if not args.parts or set(args.parts) - set(PARTS):
+        p.error(f"--parts: got {args.parts}; choose from {', '.join(PARTS)}")
     demo_args = demo.parse_args(rest)
     if args.quick:
         demo_args.train_size, demo_args.mislabelled, demo_args.forget_random = 300, 16, 24
@@ -247,7 +257,9 @@ def run_successive(original, train, holdout, test, forget_sets, args, demo_args)
 
 
 def markdown(results) -> str:
-    lines = []
+    measured = results.get("measured", {})
+    when = [f"{part} {m['date']} ({m['seconds'] / 60:.1f} min)" for part, m in measured.items()]
+    lines = [f"Measured: {', '.join(when)}.", ""] if when else []
     for sc in results["scenarios"]:
         lines += [f"### Erasing {sc['num_forget']} {sc['scenario']} training tweets (of {sc['num_train']})", "",
                   "| method | forget acc | retain acc | test acc | MIA loss | MIA conf. | MIA entropy | time (s) "
@@ -314,16 +326,28 @@ def main(argv=None):
     original, meta = demo.fine_tune(train, demo_args, "original")
     print(f"original: {len(train)} tweets, fine-tuned in {meta['seconds']:.0f}s (cached after the first run)", flush=True)
     methods = METHODS[:3] + METHODS[5:8] + METHODS[9:10] if args.quick else METHODS
-    results = {"args": {k: str(v) for k, v in {**vars(demo_args), **vars(args)}.items()},
-               "original_train_seconds": meta["seconds"], "scenarios": []}
-    for name, idx in forget_sets.items():
-        scenario = Scenario(name, original, train, holdouts[name], test, idx, args, demo_args)
-        results["scenarios"].append(run_scenario(scenario, methods, relearn=name == "random"))
-    print("\n== successive requests ==", flush=True)
-    results["successive"] = run_successive(original, train, holdouts["random"], test, forget_sets, args, demo_args)
+    parts = args.parts
+    stem = "tweets_quick" if args.quick else "tweets"
+    previous = args.out / f"{stem}.json"
+    results = json.loads(previous.read_text()) if set(parts) != set(PARTS) and previous.is_file() else {}
+    results.update({"args": {k: str(v) for k, v in {**vars(demo_args), **vars(args)}.items()},
+                    "original_train_seconds": meta["seconds"]})
+    measured = results.setdefault("measured", {})
+    if "scenarios" in parts:
+        clock = time.perf_counter()
+        results["scenarios"] = []
+        for name, idx in forget_sets.items():
+            scenario = Scenario(name, original, train, holdouts[name], test, idx, args, demo_args)
+            results["scenarios"].append(run_scenario(scenario, methods, relearn=name == "random"))
+        measured["scenarios"] = {"date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - clock}
+    if "successive" in parts:
+        print("\n== successive requests ==", flush=True)
+        clock = time.perf_counter()
+        results["successive"] = run_successive(original, train, holdouts["random"], test, forget_sets, args, demo_args)
+        measured["successive"] = {"date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - clock}
+    results.setdefault("scenarios", [])
     results["total_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "tweets_quick" if args.quick else "tweets"
     (args.out / f"{stem}.json").write_text(json.dumps(results))
     table = markdown(results)
     (args.out / f"{stem}.md").write_text(table)

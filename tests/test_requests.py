@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 import peft_mape
 from peft_mape import MAPEConfig
-from peft_mape.common.data import fingerprint, pad_collate
+from peft_mape.common.data import fingerprint, pad_collate, per_example_losses
+from peft_mape.common.stopping import retain_budget
 from peft_mape.unlearning.statistics import RetainStatistics
 
 from conftest import tiny_model
@@ -42,6 +43,11 @@ def _logits(model, examples):
     with torch.no_grad():
         batch = pad_collate(examples)
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def _mean_loss(model, examples):
+    with torch.no_grad():
+        return float(per_example_losses(model, pad_collate(examples), None).mean())
 
 
 def _deltas(tuner, name):
@@ -87,6 +93,29 @@ def test_memory_aided_request_equals_a_from_original_reference(memorised):
     assert reference.base_model.peft_config["default"].selection == model.base_model.peft_config["request-2"].selection
     for a, b in zip(aided, _deltas(reference.base_model, "default")):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_memory_aided_trust_region_measures_the_retain_loss_with_earlier_requests(memorised):
+    """Memory-aided deltas are computed at the original weights but add up: the second request's
+    retain budget starts from the model with the first request applied, and the sum ends inside it."""
+    model, forget, retain = _peft(memorised)
+    training = forget + retain
+    model.precompute_retain_statistics(training, progress=False)
+    model.unlearn_request(forget[:3], training, mode="memory_aided", progress=False)
+    tuner = model.base_model
+    with torch.no_grad():  # a first request that cost the retain set a lot
+        for param in tuner.adapter_parameters("request-1"):
+            param.add_(0.05 * torch.randn_like(param))
+    combined_before = _mean_loss(model, retain)
+    with tuner.muted(["request-1"]):
+        original = _mean_loss(model, retain)
+    assert combined_before > 2 * original + 0.1  # so the two budgets differ
+    report = model.unlearn_request(forget[3:], training, mode="memory_aided", progress=False)
+    budget = report.diagnostics["stopping"]["retain_loss_budget"]
+    assert budget == pytest.approx(retain_budget(combined_before, 1.0), rel=1e-4)
+    assert _mean_loss(model, retain) <= budget + 1e-5
+    # The update itself still ran at the original weights (the mode's contract).
+    assert report.retain_loss_before == pytest.approx(original, rel=1e-4)
 
 
 def test_cached_statistics_down_date_to_a_fresh_computation(memorised, tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import get_peft_model
 
 from peft_mape import MAPEConfig
+from peft_mape.common.data import pad_collate
 from peft_mape.common.loop import StepLosses
 from peft_mape.common.stopping import HoldoutTarget, StepControl
 from peft_mape.common.membership import loss_mia_auc
@@ -253,3 +256,31 @@ def test_after_the_target_the_loop_settles_while_the_retain_loss_falls_and_the_t
     # The weights it ends on still meet the target, with a lower retain loss than at the first hit.
     assert settled.forget_loss_after >= 2.0
     assert settled.retain_loss_after < first.retain_loss_after
+
+
+def test_on_check_records_a_trajectory_of_the_callers_metrics_even_without_a_target(memorised):
+    model, forget, retain = _fresh(memorised)
+    seen = []
+
+    def on_check(record):
+        seen.append(record["step"])
+        with torch.no_grad():  # the model holds the weights just checked
+            logits = model(**{k: v for k, v in pad_collate(forget).items() if k != "labels"}).logits
+        return {"forget_logit_norm": float(logits.norm())}
+
+    report = model.unlearn(forget, retain, method="graddiff", max_steps=30, progress=False, on_check=on_check)
+    checks = report.diagnostics["stopping"]["checks"]
+    assert seen == [c["step"] for c in checks] == [5, 10, 15, 20, 25, 30]  # eval_every=5
+    norms = [c["forget_logit_norm"] for c in checks]
+    assert len(set(norms)) == len(norms)  # measured at each check's weights, not at the end
+    json.dumps(report.to_dict())  # the callback itself never enters the report
+    with pytest.raises(ValueError, match="on_check must be a callable"):
+        _fresh(memorised)[0].unlearn(forget, retain, on_check="test acc", progress=False)
+
+
+def test_on_check_without_trust_region_or_target_still_checks(memorised):
+    model, forget, retain = _fresh(memorised)
+    report = model.unlearn(forget, retain, method=GradDiff(step_control=False, max_steps=20, eval_every=5),
+                           progress=False, on_check=lambda record: {"seen": True})
+    checks = report.diagnostics["stopping"]["checks"]
+    assert [c["step"] for c in checks] == [5, 10, 15, 20] and all(c["seen"] for c in checks)

@@ -192,16 +192,22 @@ class LoopData:
     ``forget``: the batches the loss calls "forget" (cycled); ``retain``: shuffled retain batches
     (cycled, read when the method needs them); ``check``: the forget set batched for the no-grad
     stopping checks (default ``forget``); ``retain_check``: retain batches for the step control's
-    no-grad retain loss (none: no step control).
+    no-grad retain loss (none: no step control); ``retain_view()``: the context in which that
+    retain loss is measured (a memory-aided request measures it with the earlier requests' deltas
+    applied, so their sum stays inside the trust region); ``on_check(record)``: called at each
+    check with the weights just checked, a returned dict merged into the record (see
+    ``RunOptions.on_check``); the loop then checks even without a target or trust region.
     """
 
     forget: Any
     retain: Any = None
     check: Any = None
     retain_check: Any = None
+    retain_view: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     loss_fn: Optional[Callable] = None
     device: Any = "cpu"
     progress: bool = True
+    on_check: Optional[Callable[[dict], Optional[dict]]] = None
 
 
 @dataclass
@@ -228,8 +234,11 @@ class LoopResult:
         return out
 
 
-def _record(result: LoopResult, check: dict) -> bool:
-    result.checks.append({k: v for k, v in check.items() if k not in ("reached", "mismatched")})
+def _record(result: LoopResult, check: dict, on_check: Optional[Callable[[dict], Optional[dict]]] = None) -> bool:
+    record = {k: v for k, v in check.items() if k not in ("reached", "mismatched")}
+    if on_check is not None:
+        record.update(on_check(dict(record)) or {})
+    result.checks.append(record)
     result.forget_loss_trace.append(check["forget_loss"])
     return check["reached"]
 
@@ -271,10 +280,10 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
         cap = target.level if isinstance(target, HoldoutTarget) else float(target)
         first = initial_check or check_target(model, check, target, loss_fn=loss_fn, device=device)
         if first.get("mismatched"):
-            _record(result, first)
+            _record(result, first, data.on_check)
             result.warnings.append(target.mismatch_warning(first["auc"]))
             target = cap = None
-        elif _record(result, first):
+        elif _record(result, first, data.on_check):
             result.stopped_early, result.stop_reason = True, "the forget set already looked unseen: no step"
             return result
     # Without a target the trust region still guards the retain loss, but the step never grows:
@@ -282,8 +291,11 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
     # to 22% forget accuracy against the retrained model's 69%, test -11 points).
     controlled = method.step_control and data.retain_check is not None
     if controlled:
-        control = StepControl(params, optimizer,
-                              lambda: mean_loss(model, data.retain_check, loss_fn, device=device),
+        def retain_loss() -> float:
+            with data.retain_view():
+                return mean_loss(model, data.retain_check, loss_fn, device=device)
+
+        control = StepControl(params, optimizer, retain_loss,
                               tolerance=method.retain_tolerance, lowest_lr=lr / 8,
                               highest_lr=lr if target is None else lr * method.max_lr_growth)
         result.retain_loss_budget = control.budget
@@ -316,9 +328,10 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
             bar.update(1)
             if on_step is not None:
                 on_step(step)
-            if (target is not None or controlled) and (step % method.eval_every == 0 or step == max_steps):
+            checking = target is not None or controlled or data.on_check is not None
+            if checking and (step % method.eval_every == 0 or step == max_steps):
                 reached = _record(result, check_target(model, check, math.inf if target is None else target,
-                                                       loss_fn=loss_fn, device=device, step=step))
+                                                       loss_fn=loss_fn, device=device, step=step), data.on_check)
                 if controlled:
                     reached = control.after_check(result.checks[-1], reached)
                     if settling is not None:

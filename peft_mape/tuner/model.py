@@ -224,14 +224,23 @@ class MAPEModel(BaseTuner):
         # The deltas are computed for these base weights; loading checks them (see inject_adapter).
         config.base_fingerprint = base_weights_fingerprint(self, adapter_name) if selection else None
 
-    @contextlib.contextmanager
     def muted(self, adapter_names: Iterable[str]):
         """Compute outputs as if ``adapter_names`` were inactive (NPO/KL reference: no weight copy)."""
         names = frozenset(adapter_names)
+        return self._muting(lambda muted: muted | names)
+
+    def unmuted(self, adapter_names: Iterable[str]):
+        """Undo :meth:`muted` for ``adapter_names`` while the context lasts (a memory-aided request
+        checks the retain loss with the earlier requests' deltas applied)."""
+        names = frozenset(adapter_names)
+        return self._muting(lambda muted: muted - names)
+
+    @contextlib.contextmanager
+    def _muting(self, change):
         layers = [layer for _, layer in self.mape_layers()]
         previous = [layer.muted_adapters for layer in layers]
         for layer in layers:
-            layer.muted_adapters = layer.muted_adapters | names
+            layer.muted_adapters = change(layer.muted_adapters)
         try:
             yield
         finally:

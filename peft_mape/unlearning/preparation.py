@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Optional
 
@@ -40,6 +40,13 @@ class RunOptions:
         fold_other_adapters: while the run lasts, apply the other active adapters (earlier
             requests) through one precomputed weight per layer, so a request costs the same
             however many came before; costs one copy of the affected fp32 projection weights.
+        on_check: ``on_check(record) -> dict | None``, called at each check of a loop method's
+            update with that check's record (``step``, ``forget_loss``, ``auc`` with a holdout)
+            while the model holds the weights just checked, before the trust region accepts or
+            rolls them back; a returned dict is merged into the record. With it the loop checks
+            every ``eval_every`` steps even without a stopping target, so
+            ``report.diagnostics["stopping"]["checks"]`` is a trajectory of the caller's metrics
+            (trade-off curves, comparisons at matched forgetting).
         sparsity, units, objective: per-call overrides of the adapter config's mask search.
     """
 
@@ -49,6 +56,7 @@ class RunOptions:
     loss_fn: Optional[Callable] = None
     progress: bool = True
     fold_other_adapters: bool = True
+    on_check: Optional[Callable[[dict], Optional[dict]]] = None
     sparsity: Optional[float] = None
     units: Optional[str] = None
     objective: Optional[str] = None
@@ -58,6 +66,8 @@ class RunOptions:
             value = getattr(self, option)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
+        if self.on_check is not None and not callable(self.on_check):
+            raise ValueError(f"on_check must be a callable taking a check record, got {self.on_check!r}")
 
 
 RUN_OPTION_NAMES = tuple(f.name for f in fields(RunOptions))
@@ -87,6 +97,8 @@ class UnlearningData:
     ``report_loader``: length-sorted batches for no-grad loss passes (the report's retain loss
     uses a fixed prefix of the random retain sample). ``retain_source_size`` is the size of the
     retain data the user passed, before sampling (for the 1/n estimate of closed-form steps).
+    ``retain_view()`` is the context in which the trust regions measure the retain loss (see
+    :class:`~peft_mape.common.loop.LoopData`).
     """
 
     model: Any
@@ -102,6 +114,7 @@ class UnlearningData:
     train_loader: Any = None
     report_loader: Any = None
     report_warnings: list[str] = field(default_factory=list)  # the report's ``warnings``
+    retain_view: Callable[[], AbstractContextManager] = nullcontext
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     @property
@@ -123,8 +136,8 @@ class UnlearningData:
     def loop_data(self) -> LoopData:
         """The batches of the update loop: forget batches, shuffled retain batches, sorted checks."""
         return LoopData(forget=self.forget_loader, retain=self.train_loader, check=self.forget_eval_loader,
-                        retain_check=self.report_loader, loss_fn=self.loss_fn, device=self.device,
-                        progress=self.progress)
+                        retain_check=self.report_loader, retain_view=self.retain_view, loss_fn=self.loss_fn,
+                        device=self.device, progress=self.progress, on_check=self.options.on_check)
 
     def mean_loss(self, loader) -> float:
         return mean_loss(self.model, loader, self.loss_fn, device=self.device)

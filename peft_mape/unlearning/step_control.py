@@ -38,7 +38,8 @@ def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.
     loader = data.report_loader if data.report_loader is not None else data.retain_loader
 
     def measure() -> dict:
-        out = {"retain_loss": mean_loss(data.model, loader, data.loss_fn, device=data.device)}
+        with data.retain_view():
+            out = {"retain_loss": mean_loss(data.model, loader, data.loss_fn, device=data.device)}
         if target is not None:
             check = check_target(data.model, data.forget_eval_loader, target, loss_fn=data.loss_fn, device=data.device)
             out.update({k: v for k, v in check.items() if k not in ("step", "mismatched")})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -148,26 +149,32 @@ def unlearn_request(tuner, forget, retain=None, *, name: Optional[str] = None, m
     tuner.peft_config[name] = config
     tuner.inject_adapter(tuner.model, name)
     # Memory-free requests see the current model (earlier requests active); memory-aided ones
-    # the original weights (only the new, still empty, adapter active).
+    # compute at the original weights (earlier requests muted), but their trust region measures
+    # the retain loss with the earlier deltas applied: the deltas add, and each one checked only
+    # on its own could spend the whole retain budget again (10 requests compounded to -34 test
+    # points on the tweets).
     earlier = [a for a in active_before if a != name]
-    tuner.set_adapter(earlier + [name] if mode == "memory_free" else [name])
+    tuner.set_adapter(earlier + [name])
     for other in earlier:  # only the new request's deltas receive gradients
         for param in tuner.adapter_parameters(other):
             param.requires_grad_(False)
     removed = log.removed()
-    statistics = state.retain_statistics.without(removed) if mode == "memory_aided" else None
+    aided = mode == "memory_aided"
+    statistics = state.retain_statistics.without(removed) if aided else None
     overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
     try:
-        with request_scope(tuner, name, overrides, run.fold_other_adapters):
+        with request_scope(tuner, name, overrides, run.fold_other_adapters), \
+                (tuner.muted(earlier) if aided else nullcontext()):
             data, target = prepare_request(tuner, name, forget, retain, run, chosen, holdout=holdout, target=target,
                                            exclude=removed)
+            if aided:
+                data.retain_view = lambda: tuner.unmuted(earlier)
             report = unlearn_prepared(tuner, name, chosen, data, target=target, selection=selection,
                                       retain_statistics=statistics)
     except BaseException:
         tuner.set_adapter(active_before)
         tuner.delete_adapter(name)
         raise
-    tuner.set_adapter(earlier + [name])
     hashes = sorted(fingerprint(e) for e in data.forget_examples)
     config.request_record = asdict(RequestRecord(
         name=name, mode=mode, method=report.method, num_forget=report.num_forget,

@@ -52,8 +52,8 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
             "influence" — or an instance of a :mod:`peft_mape.methods` class such as
             ``NPO(beta=0.5, lr=1e-3)``, including your own subclass of ``LoopMethod`` /
             ``ClosedFormMethod``.
-        holdout: data the model never trained on; loop methods stop once the mean forget loss
-            reaches the holdout's mean loss (the forget set then looks unseen).
+        holdout: data the model never trained on, of the forget set's kind; loop methods stop
+            once a loss-based membership attack no longer tells the forget set from it.
         forget_loss_target: an explicit stopping target instead of ``holdout``.
         selection: skip the mask search and update these units: ``"all"`` (every head and filter:
             the full-parameter baseline), ``"random"`` (random units at the same budget) or
@@ -62,7 +62,7 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
         **options: the method's options (e.g. ``lr``, ``max_steps``, ``kl_weight``, ``beta``,
             ``damping``: see ``peft_mape.methods``) and the run's (:class:`RunOptions`: ``seed``,
             ``batch_size``, ``eval_batch_size``, ``loss_fn``, ``progress``,
-            ``fold_other_adapters``, and the search overrides ``sparsity``, ``units``,
+            ``fold_other_adapters``, ``on_check``, and the search overrides ``sparsity``, ``units``,
             ``objective``). An option the method does not have is an error.
 
     On any exception the adapter is restored to its previous (empty) state; base weights and
