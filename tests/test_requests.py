@@ -95,27 +95,40 @@ def test_memory_aided_request_equals_a_from_original_reference(memorised):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_memory_aided_trust_region_measures_the_retain_loss_with_earlier_requests(memorised):
-    """Memory-aided deltas are computed at the original weights but add up: the second request's
-    retain budget starts from the model with the first request applied, and the sum ends inside it."""
+def test_memory_aided_requests_share_one_retain_budget_measured_with_every_delta(memorised):
+    """Memory-aided deltas are computed at the original weights but add up: each request's trust
+    region measures the retain loss with the earlier deltas applied, against one budget relative
+    to the original model's retain loss."""
     model, forget, retain = _peft(memorised)
     training = forget + retain
+    tuner = model.base_model
     model.precompute_retain_statistics(training, progress=False)
     model.unlearn_request(forget[:3], training, mode="memory_aided", progress=False)
-    tuner = model.base_model
-    with torch.no_grad():  # a first request that cost the retain set a lot
-        for param in tuner.adapter_parameters("request-1"):
-            param.add_(0.05 * torch.randn_like(param))
-    combined_before = _mean_loss(model, retain)
-    with tuner.muted(["request-1"]):
-        original = _mean_loss(model, retain)
-    assert combined_before > 2 * original + 0.1  # so the two budgets differ
     report = model.unlearn_request(forget[3:], training, mode="memory_aided", progress=False)
+    with tuner.muted(["request-1", "request-2"]):
+        original = _mean_loss(model, retain)
     budget = report.diagnostics["stopping"]["retain_loss_budget"]
-    assert budget == pytest.approx(retain_budget(combined_before, 1.0), rel=1e-4)
-    assert _mean_loss(model, retain) <= budget + 1e-5
+    assert budget == pytest.approx(retain_budget(original, 1.0), rel=1e-4)
+    assert _mean_loss(model, retain) <= budget + 1e-5  # both deltas together
     # The update itself still ran at the original weights (the mode's contract).
     assert report.retain_loss_before == pytest.approx(original, rel=1e-4)
+
+
+def test_a_memory_aided_request_after_the_budget_is_spent_applies_nothing_and_says_so(memorised):
+    model, forget, retain = _peft(memorised)
+    training = forget + retain
+    tuner = model.base_model
+    model.precompute_retain_statistics(training, progress=False)
+    model.unlearn_request(forget[:3], training, mode="memory_aided", progress=False)
+    with torch.no_grad():  # a first request that cost the retain set more than the budget
+        for param in tuner.adapter_parameters("request-1"):
+            param.add_(0.05 * torch.randn_like(param))
+    spent = _mean_loss(model, retain)
+    with tuner.muted(["request-1"]):
+        assert spent > retain_budget(_mean_loss(model, retain), 1.0)
+    report = model.unlearn_request(forget[3:], training, mode="memory_aided", progress=False)
+    assert any("already" in w and "budget" in w for w in report.warnings)
+    assert report.update_norm == 0.0 and _mean_loss(model, retain) == pytest.approx(spent, rel=1e-5)
 
 
 def test_cached_statistics_down_date_to_a_fresh_computation(memorised, tmp_path):

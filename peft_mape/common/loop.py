@@ -194,7 +194,10 @@ class LoopData:
     stopping checks (default ``forget``); ``retain_check``: retain batches for the step control's
     no-grad retain loss (none: no step control); ``retain_view()``: the context in which that
     retain loss is measured (a memory-aided request measures it with the earlier requests' deltas
-    applied, so their sum stays inside the trust region); ``on_check(record)``: called at each
+    applied, so their sum stays inside the trust region); ``retain_reference``: the retain loss the
+    trust region's budget is relative to (default: the loss when the run starts; a memory-aided
+    request passes the original model's, so all requests together stay within one budget);
+    ``on_check(record)``: called at each
     check with the weights just checked, a returned dict merged into the record (see
     ``RunOptions.on_check``); the loop then checks even without a target or trust region.
     """
@@ -204,6 +207,7 @@ class LoopData:
     check: Any = None
     retain_check: Any = None
     retain_view: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    retain_reference: Optional[float] = None
     loss_fn: Optional[Callable] = None
     device: Any = "cpu"
     progress: bool = True
@@ -295,7 +299,7 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
             with data.retain_view():
                 return mean_loss(model, data.retain_check, loss_fn, device=device)
 
-        control = StepControl(params, optimizer, retain_loss,
+        control = StepControl(params, optimizer, retain_loss, reference=data.retain_reference,
                               tolerance=method.retain_tolerance, lowest_lr=lr / 8,
                               highest_lr=lr if target is None else lr * method.max_lr_growth)
         result.retain_loss_budget = control.budget

@@ -133,16 +133,17 @@ class StepControl:
     """A trust region on the retain loss for the loop (``LoopMethod.step_control``): at each check
     the weights are accepted when the retain loss is within budget (then the step size doubles
     while the target is not reached) or rolled back to the last accepted weights with a halved
-    step size and a fresh optimizer state, so the update never ends beyond the budget.
+    step size and a fresh optimizer state, so the update never ends beyond the budget. The budget
+    is relative to ``reference`` (default: the retain loss at construction).
 
     ``stalled`` turns true when a rollback happens at the lowest step size: even the smallest
     step leaves the budget, so further steps from the same weights only repeat the rollback (the
     loop stops there, at the last accepted weights, instead of spending the rest of its budget)."""
 
     def __init__(self, params, optimizer, retain_loss: Callable[[], float], *, tolerance: float,
-                 lowest_lr: float, highest_lr: float):
+                 lowest_lr: float, highest_lr: float, reference: Optional[float] = None):
         self.params, self.optimizer, self.retain_loss = params, optimizer, retain_loss
-        self.budget = retain_budget(retain_loss(), tolerance)
+        self.budget = retain_budget(retain_loss() if reference is None else reference, tolerance)
         self.lowest, self.highest = lowest_lr, highest_lr
         self.accepted = snapshot(params)
         self.stalled = False

@@ -97,7 +97,8 @@ class UnlearningData:
     ``report_loader``: length-sorted batches for no-grad loss passes (the report's retain loss
     uses a fixed prefix of the random retain sample). ``retain_source_size`` is the size of the
     retain data the user passed, before sampling (for the 1/n estimate of closed-form steps).
-    ``retain_view()`` is the context in which the trust regions measure the retain loss (see
+    ``retain_view()`` is the context in which the trust regions measure the retain loss, and
+    ``retain_reference`` the loss their budget is relative to (see
     :class:`~peft_mape.common.loop.LoopData`).
     """
 
@@ -115,6 +116,7 @@ class UnlearningData:
     report_loader: Any = None
     report_warnings: list[str] = field(default_factory=list)  # the report's ``warnings``
     retain_view: Callable[[], AbstractContextManager] = nullcontext
+    retain_reference: Optional[float] = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     @property
@@ -136,8 +138,9 @@ class UnlearningData:
     def loop_data(self) -> LoopData:
         """The batches of the update loop: forget batches, shuffled retain batches, sorted checks."""
         return LoopData(forget=self.forget_loader, retain=self.train_loader, check=self.forget_eval_loader,
-                        retain_check=self.report_loader, retain_view=self.retain_view, loss_fn=self.loss_fn,
-                        device=self.device, progress=self.progress, on_check=self.options.on_check)
+                        retain_check=self.report_loader, retain_view=self.retain_view,
+                        retain_reference=self.retain_reference, loss_fn=self.loss_fn, device=self.device,
+                        progress=self.progress, on_check=self.options.on_check)
 
     def mean_loss(self, loader) -> float:
         return mean_loss(self.model, loader, self.loss_fn, device=self.device)

@@ -55,7 +55,8 @@ def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.
                 p.copy_(start + scale * d.to(p.dtype))
 
     start = measure()
-    budget = retain_budget(start["retain_loss"], retain_tolerance)
+    reference = start["retain_loss"] if data.retain_reference is None else data.retain_reference
+    budget = retain_budget(reference, retain_tolerance)
     # first-order change of the mean forget loss along the direction
     num_forget = max(len(data.forget_examples), 1)
     slope = sum(float((g.double() * d.double()).sum()) for g, d in zip(forget_gradient_sum, direction)) / num_forget
