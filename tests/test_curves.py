@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peft_mape.evaluation import RequestCurve, split_into_requests, successive_request_curve
+from peft_mape.evaluation import RequestCurve, split_into_requests, successive_request_curve, utility_at_forget_level
 
 
 def test_curve_records_metrics_before_and_after_each_request():
@@ -31,3 +31,20 @@ def test_curve_records_metrics_before_and_after_each_request():
 def test_split_rejects_impossible_request_counts():
     with pytest.raises(ValueError, match="num_requests must be between 1 and"):
         split_into_requests([1, 2], 3)
+
+
+def test_utility_at_the_retrained_forget_level_is_interpolated_between_checks():
+    points = [{"step": 0, "forget_acc": 90, "test_acc": 70}, {"step": 10, "forget_acc": 80, "test_acc": 69},
+              {"step": 20, "forget_acc": 60, "test_acc": 65}, {"step": 30, "forget_acc": 40, "test_acc": 50}]
+    matched = utility_at_forget_level(points, 70.0)
+    assert matched["reached"] and matched["utility"] == pytest.approx(67.0) and matched["at"] == pytest.approx(1.5)
+    assert matched["step"] == pytest.approx(15.0)
+    # A forget loss rises with forgetting.
+    losses = [{"forget_loss": 0.1, "retain_loss": 0.2}, {"forget_loss": 1.1, "retain_loss": 0.4}]
+    up = utility_at_forget_level(losses, 0.6, forget="forget_loss", utility="retain_loss", forgetting_lowers=False)
+    assert up["utility"] == pytest.approx(0.3)
+    never = utility_at_forget_level(points[:2], 70.0)
+    assert not never["reached"] and never["utility"] is None and never["closest"] == 80
+    assert utility_at_forget_level(points, 95.0) == {"reached": True, "utility": 70.0, "at": 0.0, "step": 0}
+    with pytest.raises(ValueError, match="no point has both"):
+        utility_at_forget_level([{"forget_acc": 1}], 0.5)

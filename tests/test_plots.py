@@ -9,6 +9,7 @@ from peft_mape.evaluation import RequestCurve
 from peft_mape.reporting.inspection import selection_summary
 from peft_mape.reporting.plots import (
     head_matrix, plot_filters_per_layer, plot_head_heatmap, plot_metric_bars, plot_request_curves, plot_selection,
+    plot_tradeoff,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -68,3 +69,12 @@ def test_results_table_shapes_are_accepted(tmp_path):
     assert _is_png(path)
     with pytest.raises(ValueError, match="at least one metric"):
         plot_request_curves(curves, [], tmp_path / "none.png")
+
+
+def test_tradeoff_plot(tmp_path):
+    trajectories = {"MAPE": [{"forget_acc": 90, "test_acc": 70}, {"forget_acc": 70, "test_acc": 69}],
+                    "full": [{"forget_acc": 90, "test_acc": 70}, {"forget_acc": 60, "test_acc": 62}]}
+    path = plot_tradeoff(trajectories, tmp_path / "tradeoff.png", reference={"forget_acc": 72, "test_acc": 70})
+    assert _is_png(path)
+    with pytest.raises(ValueError, match="at least one trajectory"):
+        plot_tradeoff({}, tmp_path / "none.png")

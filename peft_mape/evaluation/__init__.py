@@ -5,13 +5,13 @@
 - :mod:`.language_model`: per-token log-probabilities of a causal LM.
 - :mod:`.suite`: forget / retain / test metrics of a model as one flat dict.
 - :mod:`.relearning`: the relearning attack.
-- :mod:`.curves`: successive-request curves.
+- :mod:`.curves`: successive-request curves; utility at matched forgetting along a trajectory.
 - :mod:`.tofu`: TOFU metrics for question answering (answer probability, ROUGE-L, truth ratio,
   forget quality, model utility).
 """
 
 from .classification import ClassifierOutputs, classifier_outputs, loss_mia_auc, membership_auc
-from .curves import RequestCurve, split_into_requests, successive_request_curve
+from .curves import RequestCurve, split_into_requests, successive_request_curve, utility_at_forget_level
 from .language_model import token_log_probs
 from .mia import (
     classifier_mia_aucs, confidence_scores, entropy_scores, language_model_mia_aucs, loss_scores, min_k_prob,
@@ -26,7 +26,7 @@ from .tofu import (
 
 __all__ = [
     "ClassifierOutputs", "classifier_outputs", "loss_mia_auc", "membership_auc",
-    "RequestCurve", "split_into_requests", "successive_request_curve",
+    "RequestCurve", "split_into_requests", "successive_request_curve", "utility_at_forget_level",
     "token_log_probs",
     "classifier_mia_aucs", "confidence_scores", "entropy_scores", "language_model_mia_aucs", "loss_scores",
     "min_k_prob", "min_k_scores", "perplexity", "prediction_entropy", "true_label_log_probs", "zlib_ratio",

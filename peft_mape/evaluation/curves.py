@@ -1,4 +1,5 @@
-"""Successive-request curves (SPEC §8 robustness): the metrics after each erasure request.
+"""Successive-request curves (SPEC §8 robustness): the metrics after each erasure request; and
+the utility along one request's trajectory where it matches the retrained model's forgetting.
 
 A deployed model receives requests one after another. The curve records the metrics before
 any request (point 0) and after each one, with the time each request took, so that methods can
@@ -80,3 +81,36 @@ def successive_request_curve(requests: Sequence, apply: Callable[[int, Any], Any
             if isinstance(outcome, dict) else {}
         record({"request": i, "seconds": seconds, **extra, **evaluate(i)})
     return curve
+
+
+def utility_at_forget_level(points: Sequence[dict], level: float, *, forget: str = "forget_acc",
+                            utility: str = "test_acc", forgetting_lowers: bool = True) -> dict[str, Any]:
+    """A method's utility where its forget metric first reaches ``level`` (the retrained model's),
+    interpolated linearly between the two trajectory points around it: the comparison of methods
+    at matched forgetting rather than after the same number of steps.
+
+    ``points``: the trajectory in order, the first one the model before any update.
+    ``forgetting_lowers``: forgetting moves the forget metric down (an accuracy; False for a
+    loss, which rises). A start already at or past ``level`` counts as reached there. Returns ``{"reached": bool, "utility": value or None, "at": position}`` where
+    ``at`` is the fractional index of the crossing; when the trajectory never gets there,
+    ``"closest"`` is its nearest forget value.
+    """
+    rows = [(float(p[forget]), float(p[utility]), p.get("step")) for p in points
+            if p.get(forget) is not None and p.get(utility) is not None]
+    if not rows:
+        raise ValueError(f"no point has both '{forget}' and '{utility}'")
+    direction = -1.0 if forgetting_lowers else 1.0
+
+    def reached(value: float) -> bool:
+        return (value - level) * direction >= 0
+
+    if reached(rows[0][0]):
+        return {"reached": True, "utility": rows[0][1], "at": 0.0, "step": rows[0][2]}
+    for i in range(1, len(rows)):
+        (f0, u0, s0), (f1, u1, s1) = rows[i - 1], rows[i]
+        if reached(f1):
+            share = (level - f0) / (f1 - f0)
+            step = None if s0 is None or s1 is None else s0 + share * (s1 - s0)
+            return {"reached": True, "utility": u0 + share * (u1 - u0), "at": i - 1 + share, "step": step}
+    closest = min((f for f, _, _ in rows), key=lambda f: abs(f - level))
+    return {"reached": False, "utility": None, "at": None, "step": None, "closest": closest}

@@ -193,3 +193,29 @@ def plot_request_curves(curves, metrics: Union[str, Sequence[str]], path, title:
     if title:
         figure.suptitle(title)
     return _save(figure, path)
+
+
+def plot_tradeoff(trajectories: Mapping[str, Sequence[Mapping]], path, *, x: str = "forget_acc", y: str = "test_acc",
+                  reference: Optional[Mapping[str, float]] = None, reference_label: str = "retrain",
+                  title: Optional[str] = None) -> Path:
+    """Forgetting against utility along each method's update, one line per method (its first
+    point: the model before the update), and the reference model (retrained) as a star."""
+    if not trajectories:
+        raise ValueError("plot_tradeoff needs at least one trajectory")
+    figure = _figure(6.0, 4.5)
+    axes = figure.add_subplot()
+    for label, points in trajectories.items():
+        rows = [(p[x], p[y]) for p in points if p.get(x) is not None and p.get(y) is not None]
+        if rows:
+            axes.plot(*zip(*rows), marker=".", label=label)
+    if reference is not None and reference.get(x) is not None and reference.get(y) is not None:
+        axes.plot([reference[x]], [reference[y]], marker="*", markersize=14, color="black", linestyle="none",
+                  label=reference_label)
+        axes.axvline(float(reference[x]), color="black", linestyle=":", linewidth=1)
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    if title:
+        axes.set_title(title)
+    return _save(figure, path)
