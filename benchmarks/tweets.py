@@ -22,6 +22,13 @@ The mask search depends on the data, seed and objective, not on the update rule,
 once per request (in the default row) and the other MAPE rows reuse its selection and its
 forget loss; its statistics + search time is added to each of their times.
 
+Trade-off (``--parts tradeoff``, not in the default run: written, not yet run): GradDiff from the original on MAPE's units, random units,
+SalUn's weights, every weight, and a LoRA adapter, without a stopping target for
+``--tradeoff-steps``, with the metrics at every check (``on_check``): each selection's test and
+retain accuracy where its forget accuracy reaches the retrained model's (interpolated), and the
+forget-vs-test curves with the retrained model as a point. Matched forgetting, not matched
+steps: a method that is slower per step but costs less utility at the same forgetting wins.
+
 Writes ``tweets.json``, ``tweets.md`` and PNG plots to ``benchmarks/results/``.
 """
 
@@ -44,7 +51,9 @@ from peft import get_peft_model
 import peft_mape
 from peft_mape.baselines import run_method as run_by_name
 from peft_mape.common.data import make_eval_loader
-from peft_mape.evaluation import classification_metrics, relearning_attack, successive_request_curve
+from peft_mape.evaluation import (
+    classification_metrics, relearning_attack, successive_request_curve, utility_at_forget_level,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mape_devkit: the repository's helpers
 from mape_devkit.profiling import measure  # noqa: E402
@@ -73,7 +82,15 @@ METHODS = [
 FULL = {"selection": "all"}
 
 
-PARTS = ("scenarios", "successive")
+PARTS = ("scenarios", "successive", "tradeoff")
+# The trade-off curves: one update rule (GradDiff, the default) on each kind of unit selection.
+TRADEOFF_METHODS = [
+    ("MAPE-GradDiff (default)", f"mape-{peft_mape.DEFAULT_METHOD}", {}),
+    ("random units (GradDiff)", "random-graddiff", {}),
+    ("SalUn saliency (GradDiff)", "salun-graddiff", {}),
+    ("full GradDiff", "full-graddiff", {}),
+    ("LoRA GradDiff", "lora-graddiff", {}),
+]
 
 
 def parse_args(argv=None):
@@ -87,7 +104,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke run: small sets, few rows")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--parts", default=",".join(PARTS),
+    p.add_argument("--tradeoff-steps", type=int, default=150, help="steps of each trade-off run (no stopping target)")
+    p.add_argument("--tradeoff-every", type=int, default=10, help="steps between the trade-off runs' checks")
+    p.add_argument("--successive-variants", default="",
+                   help="comma-separated labels of the successive-request variants to run (default: all; one left "
+                        "out keeps its curve from the existing JSON)")
+    p.add_argument("--parts", default="scenarios,successive",
                    help=f"comma-separated subset of {', '.join(PARTS)}; a part left out keeps its results from the "
                         "existing JSON in --out (each part records when it was measured)")
     args, rest = p.parse_known_args(argv)
@@ -139,17 +161,19 @@ class Scenario:
         return {k: 100 * v if k.endswith("_acc") else v for k, v in m.items()}
 
 
-def run_method(scenario: Scenario, label, name, kwargs, default_report, shared_search=None):
-    """One row: a fresh copy of the original, the method (by its ``run_method`` name), its metrics
-    and wall time.
+def run_method(scenario: Scenario, label, name, kwargs, default_report, shared_search=None, *, model=None,
+               stopping=None):
+    """One row: a fresh copy of the original (or ``model``), the method (by its ``run_method``
+    name), its metrics and wall time.
 
     ``shared_search`` (selection, seconds) from an earlier MAPE row of this request
     replaces the mask search of a later "mape-" row; its seconds join the row's time.
+    ``stopping`` replaces the scenario's stopping rule (the holdout).
     """
     kwargs = dict(kwargs)
     family, _, rule = name.partition("-")
     seed = scenario.demo_args.seed
-    stopping = scenario.stopping(rule)
+    stopping = scenario.stopping(rule) if stopping is None else stopping
     retain, config, reused = scenario.retain, None, 0.0
     if family == "mape" and shared_search is not None:
         kwargs.update(selection=shared_search["selection"])
@@ -164,7 +188,7 @@ def run_method(scenario: Scenario, label, name, kwargs, default_report, shared_s
         # projection weights that the sparsity leaves updatable.
         budget = default_report["trainable_parameters"]
         kwargs.update({"num_weights": budget} if budget else {"density": 1.0 - peft_mape.MAPEConfig().sparsity})
-    model = copy.deepcopy(scenario.original)
+    model = copy.deepcopy(scenario.original) if model is None else model
     with measure("cpu") as clock:
         run = run_by_name(name, model, scenario.forget, retain, config=config, seed=seed, progress=False,
                           **stopping, **kwargs)
@@ -181,8 +205,9 @@ def run_method(scenario: Scenario, label, name, kwargs, default_report, shared_s
                 "search_seconds": report["seconds"].get("statistics", 0.0) + report["seconds"].get("search", 0.0),
                 "searched": family == "mape" and shared_search is None
                 and report["num_selected_heads"] + report["num_selected_filters"] > 0}
+    stopping = report.get("stopping") or report.get("diagnostics", {}).get("stopping") or {}
     row = {"method": label, **scenario.metrics(model), "seconds": clock.seconds + reused,
-           "reused_search_seconds": reused, **info}
+           "reused_search_seconds": reused, **info, "checks": stopping.get("checks", [])}
     return model, row
 
 
@@ -215,7 +240,42 @@ def run_scenario(scenario: Scenario, methods, relearn: bool):
             "retrain_seconds": meta["seconds"], "rows": rows}
 
 
-def run_successive(original, train, holdout, test, forget_sets, args, demo_args):
+def run_tradeoff(scenario: Scenario, steps: int, every: int) -> dict:
+    """Each selection's GradDiff from the original for ``steps`` steps without a stopping target
+    (the trust region on), its metrics at every check through ``on_check``; then the test and
+    retain accuracy where its forget accuracy reaches the retrained model's (interpolated)."""
+    print(f"\n== trade-off: {scenario.name} ({steps} steps, checks every {every}) ==", flush=True)
+    start = {"step": 0, **scenario.metrics(scenario.original)}
+    retrained, _ = demo.fine_tune(scenario.retain_ds, scenario.demo_args, f"retrain-{scenario.name}")
+    gold = scenario.metrics(retrained)
+    methods, default_report = [], None
+    for label, name, kwargs in TRADEOFF_METHODS:
+        model = copy.deepcopy(scenario.original)
+        on_check = lambda record, model=model: scenario.metrics(model)  # noqa: E731 (the weights just checked)
+        kwargs = dict(kwargs, max_steps=steps, eval_every=every, on_check=on_check)
+        _, row = run_method(scenario, label, name, kwargs, default_report, model=model, stopping={})
+        default_report = default_report or row
+        checks = row["checks"]
+        points = [start] + [c for c in checks if not c.get("rolled_back")]
+        matched = {metric: utility_at_forget_level(points, gold["forget_acc"], utility=metric)
+                   for metric in ("test_acc", "retain_acc")}
+        methods.append({"method": label, "seconds": row["seconds"], "steps": row["steps"],
+                        "trainable_parameters": row["trainable_parameters"], "points": points, "checks": checks,
+                        "matched": matched, "final": {k: row[k] for k in ("forget_acc", "retain_acc", "test_acc")}})
+        at = matched["test_acc"]
+        print(f"  {label:<28} " + (f"test {at['utility']:5.1f} at forget {gold['forget_acc']:.1f} (check {at['at']:.1f})"
+                                   if at["reached"] else f"never reached forget {gold['forget_acc']:.1f} "
+                                                         f"(closest {at['closest']:.1f})") +
+              f"; end: forget {row['forget_acc']:5.1f} test {row['test_acc']:5.1f}  {row['seconds']:.0f}s", flush=True)
+    return {"scenario": scenario.name, "steps": steps, "eval_every": every, "original": start, "retrain": gold,
+            "methods": methods}
+
+
+SUCCESSIVE_VARIANTS = [("MAPE memory-free", "memory_free", {}), ("MAPE memory-aided", "memory_aided", {}),
+                       ("full GradDiff", "memory_free", FULL)]
+
+
+def run_successive(original, train, holdout, test, forget_sets, args, demo_args, variants=SUCCESSIVE_VARIANTS):
     """10 requests of 16 clean training tweets: MAPE memory-free / memory-aided, full GradDiff."""
     taken = set(forget_sets["random"]) | set(forget_sets["mislabelled"])
     pool = [i for i in range(len(train)) if i not in taken]
@@ -234,8 +294,6 @@ def run_successive(original, train, holdout, test, forget_sets, args, demo_args)
         return {"forget_acc": 100 * m["forget_acc"], "test_acc": 100 * m["test_acc"], "mia_loss": m["mia_loss"]}
 
     curves = []
-    variants = [("MAPE memory-free", "memory_free", {}), ("MAPE memory-aided", "memory_aided", {}),
-                ("full GradDiff", "memory_free", FULL)]
     for label, mode, extra in variants:
         model = get_peft_model(copy.deepcopy(original), peft_mape.MAPEConfig(max_retain_examples=args.retain_sample))
         if mode == "memory_aided":
@@ -291,7 +349,33 @@ def markdown(results) -> str:
         lines.append(f"| retrain without all (gold) | {gold['forget_acc']:.1f} | {gold['test_acc']:.1f} | "
                      f"{gold['mia_loss']:.3f} | {gold['seconds']:.0f} |")
         lines.append("")
+    if results.get("tradeoff"):
+        lines += tradeoff_markdown(results["tradeoff"])
     return "\n".join(lines)
+
+
+def tradeoff_markdown(tradeoff) -> list[str]:
+    lines = []
+    for sc in tradeoff:
+        gold = sc["retrain"]
+        lines += [f"### {sc['scenario']} request at matched forgetting (GradDiff, {sc['steps']} steps, no target)", "",
+                  f"Test and retain accuracy where the forget accuracy reaches the retrained model's "
+                  f"{gold['forget_acc']:.1f} (linear between checks every {sc['eval_every']} steps); original: forget "
+                  f"{sc['original']['forget_acc']:.1f}, test {sc['original']['test_acc']:.1f}; retrained: test "
+                  f"{gold['test_acc']:.1f}, retain {gold['retain_acc']:.1f}.", "",
+                  "| selection | test acc at matched forgetting | retain acc at matched forgetting | steps to it "
+                  "| end: forget / test acc | trainable params | time (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in sc["methods"]:
+            test, retain = m["matched"]["test_acc"], m["matched"]["retain_acc"]
+            if test["reached"]:
+                cells = f"{test['utility']:.1f} | {retain['utility']:.1f} | {test['step']:.0f}"
+            else:
+                cells = f"not reached (closest forget acc {test['closest']:.1f}) | – | –"
+            lines.append(f"| {m['method']} | {cells} | {m['final']['forget_acc']:.1f} / {m['final']['test_acc']:.1f} | "
+                         f"{m['trainable_parameters']:,} | {m['seconds']:.0f} |")
+        lines.append("")
+    return lines
 
 
 def make_plots(results, out: Path) -> list[str]:
@@ -313,6 +397,11 @@ def make_plots(results, out: Path) -> list[str]:
         path = out / "tweets_successive.png"
         plots.plot_request_curves(results["successive"]["curves"], ["forget_acc", "test_acc"], path,
                              reference=results["successive"]["retrain"])
+        written.append(path.name)
+    for sc in results.get("tradeoff", []):
+        path = out / f"tweets_{sc['scenario']}_tradeoff.png"
+        plots.plot_tradeoff({m["method"]: m["points"] for m in sc["methods"]}, path, reference=sc["retrain"],
+                            title=f"Tweets, {sc['scenario']} request: GradDiff on each selection")
         written.append(path.name)
     return written
 
@@ -343,8 +432,22 @@ def main(argv=None):
     if "successive" in parts:
         print("\n== successive requests ==", flush=True)
         clock = time.perf_counter()
-        results["successive"] = run_successive(original, train, holdouts["random"], test, forget_sets, args, demo_args)
+        wanted = [v.strip() for v in args.successive_variants.split(",") if v.strip()]
+        variants = [v for v in SUCCESSIVE_VARIANTS if not wanted or v[0] in wanted]
+        if len(variants) != len(wanted or variants):
+            raise SystemExit(f"--successive-variants: choose from {[v[0] for v in SUCCESSIVE_VARIANTS]}")
+        fresh = run_successive(original, train, holdouts["random"], test, forget_sets, args, demo_args, variants)
+        kept = {c["label"]: c for c in results.get("successive", {}).get("curves", [])}
+        kept.update({c["label"]: dict(c, measured=datetime.date.today().isoformat()) for c in fresh["curves"]})
+        fresh["curves"] = [kept[label] for label, _, _ in SUCCESSIVE_VARIANTS if label in kept]
+        results["successive"] = fresh
         measured["successive"] = {"date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - clock}
+    if "tradeoff" in parts:
+        clock = time.perf_counter()
+        results["tradeoff"] = [run_tradeoff(Scenario(name, original, train, holdouts[name], test, idx, args, demo_args),
+                                            args.tradeoff_steps, args.tradeoff_every)
+                               for name, idx in forget_sets.items()]
+        measured["tradeoff"] = {"date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - clock}
     results.setdefault("scenarios", [])
     results["total_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
