@@ -22,8 +22,9 @@ The mask search depends on the data, seed and objective, not on the update rule,
 once per request (in the default row) and the other MAPE rows reuse its selection and its
 forget loss; its statistics + search time is added to each of their times.
 
-Trade-off (``--parts tradeoff``, not in the default run: written, not yet run): GradDiff from the original on MAPE's units, random units,
-SalUn's weights, every weight, and a LoRA adapter, without a stopping target for
+Trade-off (``--parts tradeoff``; not in the default run, and not run yet): GradDiff from the
+original on MAPE's units, random units, SalUn's weights, every weight, and a LoRA adapter,
+without a stopping target for
 ``--tradeoff-steps``, with the metrics at every check (``on_check``): each selection's test and
 retain accuracy where its forget accuracy reaches the retrained model's (interpolated), and the
 forget-vs-test curves with the retrained model as a point. Matched forgetting, not matched

@@ -91,9 +91,12 @@ def utility_at_forget_level(points: Sequence[dict], level: float, *, forget: str
 
     ``points``: the trajectory in order, the first one the model before any update.
     ``forgetting_lowers``: forgetting moves the forget metric down (an accuracy; False for a
-    loss, which rises). A start already at or past ``level`` counts as reached there. Returns ``{"reached": bool, "utility": value or None, "at": position}`` where
-    ``at`` is the fractional index of the crossing; when the trajectory never gets there,
-    ``"closest"`` is its nearest forget value.
+    loss, which rises). A start already at or past ``level`` counts as reached there.
+
+    Returns ``{"reached", "utility", "at", "step"}``: ``at`` is the fractional index of the
+    crossing among the points that have both metrics, ``step`` the interpolated ``"step"`` of
+    those points (None where they have none); when the trajectory never gets there, ``utility``
+    is None and ``"closest"`` is its nearest forget value.
     """
     rows = [(float(p[forget]), float(p[utility]), p.get("step")) for p in points
             if p.get(forget) is not None and p.get(utility) is not None]
