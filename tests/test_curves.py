@@ -45,6 +45,19 @@ def test_utility_at_the_retrained_forget_level_is_interpolated_between_checks():
     assert up["utility"] == pytest.approx(0.3)
     never = utility_at_forget_level(points[:2], 70.0)
     assert not never["reached"] and never["utility"] is None and never["closest"] == 80
-    assert utility_at_forget_level(points, 95.0) == {"reached": True, "utility": 70.0, "at": 0.0, "step": 0}
+    assert utility_at_forget_level(points, 95.0) == {"reached": True, "utility": 70.0, "at": 0.0, "step": 0,
+                                                     "best": 70.0}
     with pytest.raises(ValueError, match="no point has both"):
         utility_at_forget_level([{"forget_acc": 1}], 0.5)
+
+
+def test_best_utility_counts_only_points_still_past_the_level():
+    """A trajectory that recovers utility while staying forgotten: ``best`` takes the recovery,
+    not a later point that un-forgot, and follows the utility's direction."""
+    points = [{"forget_acc": 90, "test_acc": 70, "test_loss": 0.5}, {"forget_acc": 60, "test_acc": 64, "test_loss": 0.9},
+              {"forget_acc": 50, "test_acc": 68, "test_loss": 0.6}, {"forget_acc": 80, "test_acc": 71, "test_loss": 0.4}]
+    matched = utility_at_forget_level(points, 70.0)
+    assert matched["utility"] == pytest.approx(66.0) and matched["best"] == 68
+    loss = utility_at_forget_level(points, 70.0, utility="test_loss", higher_is_better=False)
+    assert loss["utility"] == pytest.approx(0.5 + 0.4 * 2 / 3) and loss["best"] == 0.6
+    assert utility_at_forget_level(points[:1], 10.0)["best"] is None

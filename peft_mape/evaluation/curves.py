@@ -84,7 +84,8 @@ def successive_request_curve(requests: Sequence, apply: Callable[[int, Any], Any
 
 
 def utility_at_forget_level(points: Sequence[dict], level: float, *, forget: str = "forget_acc",
-                            utility: str = "test_acc", forgetting_lowers: bool = True) -> dict[str, Any]:
+                            utility: str = "test_acc", forgetting_lowers: bool = True,
+                            higher_is_better: bool = True) -> dict[str, Any]:
     """A method's utility where its forget metric first reaches ``level`` (the retrained model's),
     interpolated linearly between the two trajectory points around it: the comparison of methods
     at matched forgetting rather than after the same number of steps.
@@ -93,10 +94,13 @@ def utility_at_forget_level(points: Sequence[dict], level: float, *, forget: str
     ``forgetting_lowers``: forgetting moves the forget metric down (an accuracy; False for a
     loss, which rises). A start already at or past ``level`` counts as reached there.
 
-    Returns ``{"reached", "utility", "at", "step"}``: ``at`` is the fractional index of the
-    crossing among the points that have both metrics, ``step`` the interpolated ``"step"`` of
-    those points (None where they have none); when the trajectory never gets there, ``utility``
-    is None and ``"closest"`` is its nearest forget value.
+    Returns ``{"reached", "utility", "at", "step", "best"}``: ``at`` is the fractional index of
+    the crossing among the points that have both metrics, ``step`` the interpolated ``"step"`` of
+    those points (None where they have none); ``best`` the best utility (``higher_is_better``) at
+    the crossing or at any later point still at or past ``level``: utility measured between
+    checks is noisy, and a method that recovers utility while staying forgotten (a retain term
+    settling) is better than its first crossing says. When the trajectory never gets there,
+    ``utility`` and ``best`` are None and ``"closest"`` is its nearest forget value.
     """
     rows = [(float(p[forget]), float(p[utility]), p.get("step")) for p in points
             if p.get(forget) is not None and p.get(utility) is not None]
@@ -107,13 +111,19 @@ def utility_at_forget_level(points: Sequence[dict], level: float, *, forget: str
     def reached(value: float) -> bool:
         return (value - level) * direction >= 0
 
+    pick = max if higher_is_better else min
+
+    def crossing(utility_there: float, at: float, step, later: int) -> dict[str, Any]:
+        best = pick([utility_there] + [u for f, u, _ in rows[later:] if reached(f)])
+        return {"reached": True, "utility": utility_there, "at": at, "step": step, "best": best}
+
     if reached(rows[0][0]):
-        return {"reached": True, "utility": rows[0][1], "at": 0.0, "step": rows[0][2]}
+        return crossing(rows[0][1], 0.0, rows[0][2], 1)
     for i in range(1, len(rows)):
         (f0, u0, s0), (f1, u1, s1) = rows[i - 1], rows[i]
         if reached(f1):
             share = (level - f0) / (f1 - f0)
             step = None if s0 is None or s1 is None else s0 + share * (s1 - s0)
-            return {"reached": True, "utility": u0 + share * (u1 - u0), "at": i - 1 + share, "step": step}
+            return crossing(u0 + share * (u1 - u0), i - 1 + share, step, i)
     closest = min((f for f, _, _ in rows), key=lambda f: abs(f - level))
-    return {"reached": False, "utility": None, "at": None, "step": None, "closest": closest}
+    return {"reached": False, "utility": None, "at": None, "step": None, "best": None, "closest": closest}
