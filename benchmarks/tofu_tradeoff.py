@@ -43,6 +43,7 @@ from peft_mape.baselines import run_method as run_by_name  # noqa: E402
 from peft_mape.common.data import make_eval_loader, make_loader  # noqa: E402
 from peft_mape.common.stopping import example_losses  # noqa: E402
 from peft_mape.evaluation import utility_at_forget_level  # noqa: E402
+from peft_mape.evaluation.tofu import answer_probability, normalised_answer_probability  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (label, run_method name, keyword arguments): one update rule, five selections.
@@ -78,17 +79,9 @@ def parse_args(argv=None):
     return args
 
 
-def answer_probability(model, loader) -> float:
-    """Mean P(a|q)^(1/|a|) = exp(-mean answer-token NLL), per question, averaged."""
-    losses = example_losses(model, loader, device=next(model.parameters()).device)
-    return float(torch.exp(-losses).mean())
-
-
-def normalised_probability(model, option_loaders) -> float:
-    """Mean over questions of p(correct)^(1/|a|) / sum over options of p(option)^(1/|a'|)."""
-    device = next(model.parameters()).device
-    probs = torch.stack([torch.exp(-example_losses(model, loader, device=device)) for loader in option_loaders])
-    return float((probs[0] / probs.sum(0)).mean())
+def mean_log_probs(model, loader) -> torch.Tensor:
+    """Per-question mean answer-token log-probability (minus the training loss), in loader order."""
+    return -example_losses(model, loader, device=next(model.parameters()).device)
 
 
 def main(argv=None):
@@ -117,8 +110,9 @@ def main(argv=None):
     utilities = ("retain_prob", "authors_prob")
 
     def metrics(model) -> dict:
-        values = {name: answer_probability(model, loader) for name, loader in loaders.items()}
-        values["authors_prob"] = normalised_probability(model, option_loaders)
+        values = {name: float(answer_probability(mean_log_probs(model, loader)).mean()) for name, loader in loaders.items()}
+        correct, *perturbed = (mean_log_probs(model, loader) for loader in option_loaders)
+        values["authors_prob"] = float(normalised_answer_probability(correct, torch.stack(perturbed, 1)).mean())
         return values
 
     start, gold = {"step": 0, **metrics(original)}, metrics(retrained)

@@ -418,6 +418,15 @@ def make_plots(results, out: Path) -> list[str]:
     return written
 
 
+def chosen_by_label(spec: str, table, flag: str):
+    """The rows of ``table`` (label first) named in the comma-separated ``spec``; all when empty."""
+    wanted = [label.strip() for label in spec.split(",") if label.strip()]
+    rows = [row for row in table if not wanted or row[0] in wanted]
+    if len(rows) != len(wanted or rows):
+        raise SystemExit(f"{flag}: choose from {[row[0] for row in table]}")
+    return rows
+
+
 def main(argv=None):
     args, demo_args = parse_args(argv)
     if args.threads:
@@ -444,10 +453,7 @@ def main(argv=None):
     if "successive" in parts:
         print("\n== successive requests ==", flush=True)
         clock = time.perf_counter()
-        wanted = [v.strip() for v in args.successive_variants.split(",") if v.strip()]
-        variants = [v for v in SUCCESSIVE_VARIANTS if not wanted or v[0] in wanted]
-        if len(variants) != len(wanted or variants):
-            raise SystemExit(f"--successive-variants: choose from {[v[0] for v in SUCCESSIVE_VARIANTS]}")
+        variants = chosen_by_label(args.successive_variants, SUCCESSIVE_VARIANTS, "--successive-variants")
         fresh = run_successive(original, train, holdouts["random"], test, forget_sets, args, demo_args, variants)
         kept = {c["label"]: c for c in results.get("successive", {}).get("curves", [])}
         kept.update({c["label"]: dict(c, measured=datetime.date.today().isoformat()) for c in fresh["curves"]})
@@ -456,10 +462,7 @@ def main(argv=None):
         measured["successive"] = {"date": datetime.date.today().isoformat(), "seconds": time.perf_counter() - clock}
     if "tradeoff" in parts:
         clock = time.perf_counter()
-        wanted = [m.strip() for m in args.tradeoff_methods.split(",") if m.strip()]
-        methods = [m for m in TRADEOFF_METHODS if not wanted or m[0] in wanted]
-        if len(methods) != len(wanted or methods):
-            raise SystemExit(f"--tradeoff-methods: choose from {[m[0] for m in TRADEOFF_METHODS]}")
+        methods = chosen_by_label(args.tradeoff_methods, TRADEOFF_METHODS, "--tradeoff-methods")
         if methods[0] is not TRADEOFF_METHODS[0] and any(m[1].startswith("salun-") for m in methods):
             raise SystemExit(f"--tradeoff-methods: SalUn takes its parameter budget from '{TRADEOFF_METHODS[0][0]}'; "
                              "run them together")
