@@ -1,4 +1,4 @@
-"""The package's layers import one way: common <- tuner <- unlearning <- baselines / evaluation
+"""The package's layers import one way: common <- tuner <- unlearning <- baselines / llmeraser / evaluation
 <- reporting <- cli; evaluation imports only common; s3t stands alone (that importing peft_mape
 replaces nothing in PEFT is tested in test_persistence)."""
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import peft_mape
 
 PACKAGE = Path(peft_mape.__file__).parent
-LAYERS = {"common": 0, "tuner": 1, "unlearning": 2, "baselines": 3, "evaluation": 3, "reporting": 4, "cli": 5}
+LAYERS = {"common": 0, "tuner": 1, "unlearning": 2, "baselines": 3, "llmeraser": 3, "evaluation": 3, "reporting": 4,
+          "cli": 5}
 # MAPEModel's unlearn() / unlearn_request() / precompute_retain_statistics() are the user's entry
 # points on the PEFT model: they forward, lazily, to the unlearning layer.
 ALLOWED_UPWARD = {("tuner/model.py", "unlearning")}

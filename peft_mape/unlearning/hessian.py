@@ -49,10 +49,30 @@ def _norm(v: Vector) -> float:
     return math.sqrt(float(_dot(v, v)))
 
 
+def accumulator_dtype(param: torch.Tensor) -> torch.dtype:
+    """At least fp32: sums of gradients and Hessian-vector products of bf16/fp16 tensors lose
+    most of their digits in their own precision."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def gradient_sum(model, params: Sequence[torch.Tensor], loader, loss_fn=None, *, device, desc="gradient",
+                 progress=True) -> Vector:
+    """Sum over the examples of ``loader`` of d loss / d param (dropout off), in fp32 or wider."""
+    totals = [torch.zeros_like(p, dtype=accumulator_dtype(p)) for p in params]
+    with eval_mode(model):
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            batch = to_device(batch, device)
+            losses = per_example_losses(model, batch, loss_fn)
+            for total, grad in zip(totals, torch.autograd.grad(losses.sum(), params, allow_unused=True)):
+                if grad is not None:
+                    total.add_(grad)
+    return totals
+
+
 def hessian_vector_product(model, params: Sequence[torch.Tensor], batches, vector: Vector, loss_fn=None, *,
                            device) -> Vector:
     """H v for H the Hessian of the mean per-example loss over ``batches``, by double backward."""
-    total = [torch.zeros_like(p) for p in params]
+    total = [torch.zeros_like(p, dtype=accumulator_dtype(p)) for p in params]
     count = 0
     # The fused CPU/GPU attention kernels have no double backward; the math kernel is plain
     # autograd ops and gives the same function.
@@ -102,7 +122,7 @@ def solve_damped_system(model, params: Sequence[torch.Tensor], rhs: Vector, hess
     if damping < 0:
         raise ValueError(f"the damping must be >= 0, got {damping}")
     params = list(params)
-    rhs = [r.detach().to(p.dtype) for r, p in zip(rhs, params)]
+    rhs = [r.detach().to(accumulator_dtype(p)) for r, p in zip(rhs, params)]
     batches = list(hessian_loader)
     if not batches:
         raise ValueError("the influence step needs a non-empty retain sample for the Hessian")

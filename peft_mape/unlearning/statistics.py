@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..common.data import per_example_losses, to_device
 from ..common.modes import eval_mode
+from .hessian import gradient_sum
 
 UNIT_TYPES = ("heads", "filters")
 
@@ -87,15 +88,8 @@ def mask_gradients(tuner, loader, loss_fn=None, *, device, desc="mask gradients"
 
 def parameter_gradient_sum(tuner, adapter_name, loader, loss_fn=None, *, device, desc="forget gradient", progress=True):
     """Sum over examples of d loss / d delta for every delta of ``adapter_name``."""
-    params = tuner.adapter_parameters(adapter_name)
-    totals = [torch.zeros_like(p) for p in params]
-    with eval_mode(tuner.model):
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            batch = to_device(batch, device)
-            losses = per_example_losses(tuner.model, batch, loss_fn)
-            for total, grad in zip(totals, torch.autograd.grad(losses.sum(), params)):
-                total.add_(grad)
-    return totals
+    return gradient_sum(tuner.model, tuner.adapter_parameters(adapter_name), loader, loss_fn, device=device,
+                        desc=desc, progress=progress)
 
 
 def parameter_fisher_diagonal(tuner, adapter_name, loader, loss_fn=None, *, device, desc="retain Fisher", progress=True):

@@ -18,13 +18,23 @@ the first-order prediction: where the ratio is far from 1 the linearisation does
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..common.stopping import check_target, mean_loss, retain_budget
 
 MIN_SCALE = 2.0 ** -10  # below this the step is noise: no update instead
+
+
+def halve_until(attempt: Callable[[float], dict], fits: Callable[[dict], bool], scale: float) -> tuple[float, dict]:
+    """Try ``scale``, then halve it until ``fits(attempt(scale))``: ``(scale, last result)``, the
+    scale 0.0 when none down to :data:`MIN_SCALE` fits (the caller then applies nothing)."""
+    result = attempt(scale)
+    while not fits(result) and scale / 2 >= MIN_SCALE:
+        scale /= 2
+        result = attempt(scale)
+    return (scale if fits(result) else 0.0), result
 
 
 def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.Tensor], data, *,
@@ -74,9 +84,8 @@ def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.
 
     try:
         scale = min(1.0, max_scale)
-        result, chosen = attempt(scale), 0.0
-        if fits(result):
-            chosen = scale
+        chosen, result = halve_until(attempt, fits, scale)
+        if chosen == scale:
             # Longer, while a target is not reached yet and the retain budget holds.
             while target is not None and not result.get("reached") and scale * 2 <= max_scale:
                 scale *= 2
@@ -84,12 +93,6 @@ def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.
                 if not fits(result):
                     break
                 chosen = scale
-        else:
-            # Shorter, until the retain budget holds.
-            while not fits(result) and scale / 2 >= MIN_SCALE:
-                scale /= 2
-                result = attempt(scale)
-            chosen = scale if fits(result) else 0.0
         if target is not None and chosen > 0:
             # The least change that still reaches the target.
             best = next(c for c in candidates if c["scale"] == chosen)
