@@ -52,6 +52,7 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--deletions", default="0,1,2,4,8", help="cumulative deletion counts to evaluate at")
+    parser.add_argument("--budgets", default="", help="S3T budgets B to run, e.g. '1,2' (default: 1..L)")
     parser.add_argument("--capacity-trials", type=int, default=500, help="random schedules replayed per method")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: process CPU seconds, robust to other jobs on a shared machine (use with --threads 1)")
@@ -185,7 +186,8 @@ def main():
         raise ValueError(f"cannot delete {points[-1]} of {args.train} training tweets")
     train, test = load_data(args)
     schedule = [int(i) for i in np.random.default_rng(args.seed + 1).permutation(train["id"])[: points[-1]]]
-    runs = [(f"S3T B={b}", make_config(args, args.shards, args.slices, b), False) for b in range(1, args.slices + 1)]
+    budgets = sorted({int(b) for b in args.budgets.split(",")}) if args.budgets else range(1, args.slices + 1)
+    runs = [(f"S3T B={b}", make_config(args, args.shards, args.slices, b), False) for b in budgets]
     runs += [("SISA shards", make_config(args, args.shards, 1, 1), True),
              ("full retrain", make_config(args, 1, 1, 1), True)]
     started = clock()

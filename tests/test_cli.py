@@ -175,7 +175,7 @@ def test_inspect_refuses_other_adapter_types(tmp_path, capsys):
 def test_help_documents_every_option():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"unlearn", "evaluate", "inspect"}
+    assert set(commands) == {"unlearn", "evaluate", "inspect", "edit"}
     for name, sub in commands.items():
         text = sub.format_help()
         for action in sub._actions:
@@ -185,6 +185,76 @@ def test_help_documents_every_option():
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+@pytest.fixture(scope="module")
+def lora_dir(workdir):
+    """A LoRA adapter of the tiny BERT (classifier in modules_to_save), trained a few steps on the
+    CSV rows, and the files of a response correction of two of them."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(T.BertForSequenceClassification.from_pretrained(workdir / "model"),
+                           LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    model.save_pretrained(workdir / "lora")
+    rows = list(csv.DictReader(open(workdir / "retain.csv")))
+    _write_csv(workdir / "old.csv", rows[:2])
+    _write_csv(workdir / "new.csv", [dict(r, label=1 - int(r["label"])) for r in rows[:2]])
+    return workdir / "lora"
+
+
+def test_edit_corrects_a_lora_adapter_into_a_new_directory(workdir, lora_dir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    before = {f.name: f.read_bytes() for f in lora_dir.iterdir()}
+    (workdir / "edited").mkdir()
+    (workdir / "edited" / "mine.txt").write_text("keep me")
+    assert main(["edit", "--model", "model", "--adapter", "lora", "--train", "retain.csv", "--correct", "old.csv",
+                 "new.csv", "--out", "edited", "--overwrite", "--request-id", "fix-7",
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "edit (response correction, 2 examples, n=12)" in printed and "audit report:" in printed
+    assert {f.name: f.read_bytes() for f in lora_dir.iterdir()} == before  # the input adapter is unchanged
+    assert (workdir / "edited" / "mine.txt").read_text() == "keep me"  # saving deletes nothing it did not write
+    audit_text = (workdir / "edited" / "audit_report.json").read_text()
+    audit = json.loads(audit_text)
+    assert audit["guarantee"] == "approximate" and audit["request_id"] == "fix-7"
+    assert audit["method"] == "llmeraser-influence-edit" and audit["requests"][0]["kind"] == "response_correction"
+    assert audit["outcome"]["losses_after"]["new"] <= audit["outcome"]["losses_before"]["new"]
+    assert SECRET_WORD not in audit_text and "the cat" not in audit_text
+    from peft import PeftModel
+
+    edited = PeftModel.from_pretrained(T.BertForSequenceClassification.from_pretrained(workdir / "model"),
+                                       workdir / "edited")
+    original = PeftModel.from_pretrained(T.BertForSequenceClassification.from_pretrained(workdir / "model"), lora_dir)
+    changed = [n for (n, a), (_, b) in zip(edited.named_parameters(), original.named_parameters())
+               if not torch.equal(a, b)]
+    assert changed and all("lora_" in n or "modules_to_save" in n for n in changed)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--remove", "old.csv", "--out", "lora"], "--out must differ from --adapter"),
+    (["--remove", "nowhere.csv", "--out", "o"], "--remove file not found: nowhere.csv"),
+    (["--correct", "old.csv", "test.csv", "--out", "o"], "old has 2 examples and new has 12"),
+    (["--modify", "old.csv", "new.csv", "--out", "o"], "query_modification pair 0: old and new differ in their labels"),
+    (["--remove", "old.csv", "--out", "o", "--damping", "lots"], "--damping must be a number or 'auto', got 'lots'"),
+])
+def test_edit_input_errors_are_named(workdir, lora_dir, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(workdir)
+    assert main(["edit", "--model", "model", "--adapter", "lora", "--train", "retain.csv", *args, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (workdir / "o").exists()
+
+
+def test_edit_refuses_an_adapter_that_is_not_lora(tmp_path, workdir, capsys):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "MAPE"}))
+    assert main(["edit", "--model", str(workdir / "model"), "--adapter", str(tmp_path), "--train",
+                 str(workdir / "retain.csv"), "--remove", str(workdir / "forget.csv"), "--out", str(tmp_path / "o")]) == 1
+    assert "is a MAPE adapter; edit needs a LoRA adapter" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

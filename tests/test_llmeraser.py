@@ -123,7 +123,8 @@ def test_edit_moves_the_adapter_to_the_retrained_one_on_a_convex_toy(kind, modul
     request, edited_train = _edit_case(kind, train)
     start = _vector(model)
     target = _retrained(model, edited_train)
-    report = erase(model, request, train, damping=WEIGHT_DECAY, solver_steps=200, hessian_examples=N, progress=False)
+    report = erase(model, request, train, damping=WEIGHT_DECAY, curvature="hessian", solver_steps=200,
+                   hessian_examples=N, progress=False)
     moved, wanted = _vector(model) - start, target - start
     cosine = float(moved @ wanted / (moved.norm() * wanted.norm()))
     remaining = float((_vector(model) - target).norm() / wanted.norm())
@@ -133,6 +134,8 @@ def test_edit_moves_the_adapter_to_the_retrained_one_on_a_convex_toy(kind, modul
 
 
 def test_the_default_options_also_move_toward_the_retrained_adapter():
+    """Defaults: a 64-example sample, Gauss-Newton curvature, automatic damping: a rougher edit
+    than the exact one above, but still most of the way in the right direction."""
     model, train = _fitted(modules_to_save=True)
     request, edited_train = _edit_case("correction", train, k=4)
     start = _vector(model)
@@ -140,8 +143,8 @@ def test_the_default_options_also_move_toward_the_retrained_adapter():
     report = erase(model, request, train, progress=False)
     moved, wanted = _vector(model) - start, target - start
     assert report.damping_rule.startswith("auto")
-    assert float(moved @ wanted / (moved.norm() * wanted.norm())) > 0.9
-    assert float((_vector(model) - target).norm()) < 0.5 * float(wanted.norm())
+    assert float(moved @ wanted / (moved.norm() * wanted.norm())) > 0.75
+    assert float((_vector(model) - target).norm()) < 0.75 * float(wanted.norm())
     assert report.losses_after["new"] < report.losses_before["new"]
     assert report.losses_after["old"] > report.losses_before["old"]
 
@@ -151,12 +154,12 @@ def test_the_sign_and_the_one_over_n_scale_are_pinned():
     model, train = _fitted(modules_to_save=False)
     request, _ = _edit_case("removal", train, k=1)
     start = _vector(model)
-    report = erase(model, request, train, damping=WEIGHT_DECAY, solver_steps=200, hessian_examples=N,
-                   line_search=False, progress=False)
+    options = dict(damping=WEIGHT_DECAY, curvature="hessian", solver_steps=200, hessian_examples=N, line_search=False,
+                   progress=False)
+    report = erase(model, request, train, **options)
     half = _vector(model) - start
     undo(model, report)
-    erase(model, request, train, damping=WEIGHT_DECAY, solver_steps=200, hessian_examples=N, line_search=False,
-          num_train_examples=2 * N, progress=False)
+    erase(model, request, train, num_train_examples=2 * N, **options)
     assert torch.allclose(_vector(model) - start, half / 2, rtol=1e-6, atol=1e-12)
     assert report.losses_after["old"] > report.losses_before["old"]
     assert report.linearisation_ratio == pytest.approx(1.0, abs=0.2)
@@ -164,7 +167,8 @@ def test_the_sign_and_the_one_over_n_scale_are_pinned():
 
 def test_mixed_requests_add_their_right_hand_sides():
     model, train = _fitted(modules_to_save=False)
-    options = dict(damping=WEIGHT_DECAY, solver_steps=200, hessian_examples=N, line_search=False, progress=False)
+    options = dict(damping=WEIGHT_DECAY, curvature="hessian", solver_steps=200, hessian_examples=N, line_search=False,
+                   progress=False)
     start = _vector(model)
     together = erase(model, InstanceRemoval(train[:3]), train, **options)
     joint = _vector(model) - start
@@ -302,6 +306,36 @@ def test_a_failing_edit_leaves_the_model_as_it_was():
         calls["n"] = 0
         erase(model, InstanceRemoval(train[:2]), train, loss_fn=failing_loss, progress=False)
     assert all(torch.equal(before[n], v) for n, v in _adapter_state(model).items())
+
+
+def test_gauss_newton_equals_the_hessian_where_the_model_is_linear_and_is_never_negative():
+    from peft_mape.common.data import make_loader
+    from peft_mape.unlearning.hessian import gauss_newton_vector_product, hessian_vector_product
+
+    torch.manual_seed(0)
+    model = LinearClassifier().double()
+    params = list(model.head.parameters())  # logits are linear in the head
+    batches = list(make_loader(_data()[:50], 16))
+    vector = [torch.randn_like(p) for p in params]
+    exact = hessian_vector_product(model, params, batches, vector, device="cpu")
+    gauss_newton = gauss_newton_vector_product(model, params, batches, vector, device="cpu")
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(exact, gauss_newton))
+
+    bert = _lora_classifier()
+    params = [p for n, p in bert.named_parameters() if ".default." in n]
+    batches = list(make_loader(tiny_examples("bert", 12), 6))
+    for seed in range(3):
+        vector = [torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) for p in params]
+        product = gauss_newton_vector_product(bert, params, batches, vector, device="cpu")
+        assert sum(float((v * g).sum()) for v, g in zip(vector, product)) >= -1e-6
+
+
+def test_the_exact_hessian_raises_its_damping_after_negative_curvature():
+    model, train = _fitted(modules_to_save=True)
+    request, _ = _edit_case("correction", train, k=4)
+    report = erase(model, request, train, curvature="hessian", hessian_examples=64, progress=False)
+    assert len(report.dampings_tried) > 1 and report.dampings_tried == sorted(report.dampings_tried)
+    assert "raised to" in report.damping_rule
 
 
 def test_gradient_sums_of_bf16_tensors_accumulate_in_fp32():

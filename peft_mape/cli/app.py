@@ -1,8 +1,10 @@
-"""The ``peft-mape`` command (also ``python -m peft_mape``): unlearn, evaluate, inspect.
+"""The ``peft-mape`` command (also ``python -m peft_mape``): unlearn, evaluate, inspect, edit.
 
     peft-mape unlearn  --model DIR --forget FILE [--retain FILE] [--holdout FILE] [--test FILE] --out DIR
     peft-mape evaluate --model DIR [--adapter DIR] --forget FILE --test FILE [--out FILE]
     peft-mape inspect  ADAPTER [--plot selection.png]
+    peft-mape edit     --model DIR --adapter LORA_DIR --train FILE (--remove FILE | --correct OLD NEW |
+                       --modify OLD NEW) --out DIR
 
 Data files are CSV, JSON or JSON Lines, read with ``datasets``. Sequence classifiers read a text
 and a label column; causal LMs a text column (every token scored) or question + answer columns
@@ -20,50 +22,15 @@ import sys
 import warnings
 from pathlib import Path
 
-PROG = "peft-mape"
+from .edit import add_edit_command
+from .shared import (
+    PROG, CLIError, Parser, compute_metrics, data_options, load_inputs, one_line, pad_id, print_metrics,
+)
+
 SELECTION_CHOICES = ("search", "all", "random")
 
 
-class CLIError(Exception):
-    """A problem with the user's input, reported as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    if isinstance(error, KeyError) and text.startswith("'") and text.endswith("'"):
-        text = text[1:-1]
-    return text or type(error).__name__
-
-
 # --------------------------------------------------------------------------- parser
-
-
-def _data_options() -> argparse.ArgumentParser:
-    """Options shared by the commands that read data files and a model."""
-    parent = _Parser(add_help=False)
-    group = parent.add_argument_group("data and model options")
-    group.add_argument("--task", choices=("classification", "causal-lm"),
-                       help="model task (default: from the architectures in the model's config.json)")
-    group.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
-    group.add_argument("--text-column", default="text", metavar="NAME", help="text column (default: %(default)s)")
-    group.add_argument("--label-column", default="label", metavar="NAME",
-                       help="label column of classification data, integers or the model's label names "
-                            "(default: %(default)s)")
-    group.add_argument("--question-column", metavar="NAME",
-                       help="causal LMs: question column; with --answer-column only the answer is scored")
-    group.add_argument("--answer-column", metavar="NAME", help="causal LMs: answer column")
-    group.add_argument("--max-length", type=int, default=128, metavar="N",
-                       help="truncate examples to N tokens (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=16, metavar="N", help="batch size (default: %(default)s)")
-    group.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    group.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    group.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ..tuner.config import OBJECTIVE_CHOICES
     from ..unlearning import DEFAULT_METHOD, METHODS
 
-    parser = _Parser(prog=PROG, description="Machine unlearning for HuggingFace models with MAPE-Unlearn "
+    parser = Parser(prog=PROG, description="Machine unlearning for HuggingFace models with MAPE-Unlearn "
                                             "(module-aware parameter-efficient unlearning).",
                      epilog="Run 'peft-mape COMMAND --help' for the options of a command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    data = _data_options()
+    data = data_options()
 
     p = commands.add_parser(
         "unlearn", parents=[data], help="erase a forget set into a MAPE adapter (+ audit report)",
@@ -141,97 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="write a heads x layers heatmap and filters-per-layer bars here")
     p.add_argument("--base-model", metavar="DIR", help="base model directory, for the per-layer totals")
     p.set_defaults(handler=cmd_inspect)
+    add_edit_command(commands, data)
     return parser
-
-
-# --------------------------------------------------------------------------- shared steps
-
-
-def _setup_torch(args):
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device:
-        return args.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _check_files(**paths) -> None:
-    """Fail on a missing input before anything slow happens."""
-    for what, path in paths.items():
-        if path is not None and not Path(path).is_file():
-            raise CLIError(f"--{what} file not found: {path}")
-
-
-def _columns(args, task) -> tuple[str, ...]:
-    if task == "classification":
-        return args.text_column, args.label_column
-    if (args.question_column is None) != (args.answer_column is None):
-        raise CLIError("give both --question-column and --answer-column, or neither")
-    return (args.question_column, args.answer_column) if args.question_column else (args.text_column,)
-
-
-def _encode(args, task, tokenizer, model, table, path):
-    """(dataset, scored texts) of one data table."""
-    from .textdata import encode_causal_lm, encode_classification
-
-    if task == "classification":
-        config = model.config
-        return encode_classification(table, tokenizer, path=path, text_column=args.text_column,
-                                     label_column=args.label_column, max_length=args.max_length,
-                                     label2id=getattr(config, "label2id", None),
-                                     num_labels=getattr(config, "num_labels", None), progress=not args.quiet)
-    return encode_causal_lm(table, tokenizer, path=path, text_column=args.text_column,
-                            question_column=args.question_column, answer_column=args.answer_column,
-                            max_length=args.max_length, progress=not args.quiet)
-
-
-def _load(args, files: dict):
-    """Task, model, tokenizer and the encoded data files (name -> (dataset, texts)).
-
-    Files and columns are checked before the model is loaded, so input mistakes fail fast.
-    """
-    from .loading import detect_task, load_model, load_tokenizer, model_config
-    from .textdata import load_table, require_columns
-
-    _check_files(**files)
-    task = detect_task(model_config(args.model), args.task)
-    tables = {name: load_table(path) for name, path in files.items() if path is not None}
-    for name, table in tables.items():
-        require_columns(table, files[name], *_columns(args, task))
-    device = _setup_torch(args)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, task, device)
-    data = {name: _encode(args, task, tokenizer, model, table, files[name]) for name, table in tables.items()}
-    return task, model, tokenizer, data
-
-
-def _pad_id(model, tokenizer) -> int:
-    return getattr(model.config, "pad_token_id", None) or getattr(tokenizer, "pad_token_id", None) or 0
-
-
-def _metrics(task, model, data, *, batch_size, pad, progress, min_k=0.2) -> dict:
-    from ..common.data import forward_arguments, make_loader, materialise
-    from ..evaluation import classification_metrics, language_model_metrics
-
-    allowed = forward_arguments(model)
-    loaders = {name: make_loader(materialise(ds, allowed, what=name), batch_size, pad)
-               for name, (ds, _) in data.items() if name in ("forget", "test", "retain")}
-    if task == "classification":
-        return classification_metrics(model, loaders["forget"], loaders["test"], loaders.get("retain"),
-                                      progress=progress)
-    return language_model_metrics(model, loaders["forget"], loaders["test"], data["forget"][1], data["test"][1],
-                                  loaders.get("retain"), k=min_k, progress=progress)
-
-
-def _print_metrics(metrics: dict, before: dict | None = None) -> None:
-    width = max(len(k) for k in metrics)
-    for key, value in metrics.items():
-        if before is not None and key in before:
-            print(f"  {key:<{width}}  {before[key]:.4f} -> {value:.4f}")
-        else:
-            print(f"  {key:<{width}}  {value:.4f}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -249,13 +127,13 @@ def cmd_unlearn(args) -> int:
         raise CLIError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
     config = MAPEConfig(sparsity=args.sparsity, units=args.units)  # invalid values fail before any loading
     files = {"forget": args.forget, "retain": args.retain, "holdout": args.holdout, "test": args.test}
-    task, model, tokenizer, data = _load(args, files)
+    task, model, tokenizer, data = load_inputs(args, files)
     progress = not args.quiet
-    pad = _pad_id(model, tokenizer)
+    pad = pad_id(model, tokenizer)
     if model.config.pad_token_id is None:  # unlearn() pads input ids with the config's pad id
         model.config.pad_token_id = pad
     peft_model = get_peft_model(model, config)
-    before = _metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
+    before = compute_metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
         if args.test else None
     # Options the user gave; one the chosen method does not have is an error naming its options.
     optional = {"lr": args.lr, "max_steps": args.max_steps, "forget_loss_target": args.forget_loss_target,
@@ -271,7 +149,7 @@ def cmd_unlearn(args) -> int:
             seed=args.seed, progress=progress,
             **{k: v for k, v in optional.items() if v is not None},
         )
-    after = _metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
+    after = compute_metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
         if args.test else None
     peft_model.save_pretrained(str(out))
     audit = build_audit_report(report, data["forget"][0], model=peft_model, model_id=str(args.model),
@@ -283,7 +161,7 @@ def cmd_unlearn(args) -> int:
         print(f"  note: {note}")
     if after is not None:
         print("metrics (before -> after):")
-        _print_metrics(after, before)
+        print_metrics(after, before)
     print(f"adapter: {out}")
     print(f"audit report: {audit_path}")
     return 0
@@ -297,12 +175,12 @@ def cmd_evaluate(args) -> int:
     if not 0.0 < args.min_k <= 1.0:
         raise CLIError(f"--min-k must be in (0, 1], got {args.min_k}")
     files = {"forget": args.forget, "test": args.test, "retain": args.retain}
-    task, model, tokenizer, data = _load(args, files)
+    task, model, tokenizer, data = load_inputs(args, files)
     if args.adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter).eval()
-    metrics = _metrics(task, model, data, batch_size=args.batch_size, pad=_pad_id(model, tokenizer),
+    metrics = compute_metrics(task, model, data, batch_size=args.batch_size, pad=pad_id(model, tokenizer),
                        progress=not args.quiet, min_k=args.min_k)
     out = Path(args.out) if args.out else (Path(args.adapter) if args.adapter else Path.cwd()) / "eval_metrics.json"
     result = {"model": str(args.model), "adapter": args.adapter, "task": task,
@@ -312,7 +190,7 @@ def cmd_evaluate(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{task} metrics of {args.model}" + (f" + {args.adapter}" if args.adapter else "") + ":")
-    _print_metrics(metrics)
+    print_metrics(metrics)
     print(f"written to {out}")
     return 0
 
@@ -417,11 +295,11 @@ def main(argv=None) -> int:
     except EXPECTED_ERRORS as error:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except Exception as error:  # an unexpected failure: still one line, the type says where to look
         if debug:
             raise
-        print(f"{PROG}: error: unexpected {type(error).__name__}: {_one_line(error)} "
+        print(f"{PROG}: error: unexpected {type(error).__name__}: {one_line(error)} "
               "(set PEFT_MAPE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

@@ -23,13 +23,13 @@ class EditReport:
     ``adapter_name`` was edited, or copied to ``edited_adapter`` first. ``losses_before`` /
     ``losses_after``: mean loss of the edited examples before the change (``old``), after it
     (``new``, corrections and modifications) and of the training sample the trust region guards
-    (``train``). The solve: ``damping`` (and the rule that chose it), ``solver_iterations``,
+    (``train``). The solve: ``damping`` (and the rule that chose it; every damping tried), the ``curvature`` matrix, ``solver_iterations``,
     ``relative_residual`` of (H + damping I) x = b on the Hessian sample, ``negative_curvature``
     met by CG. The step: the ``scale`` applied (1 is the first-order edit), ``update_norm`` of
     what was applied, ``full_step_norm`` at scale 1, ``linearisation_ratio`` (measured change of
     mean old loss minus mean new loss over the first-order prediction at the chosen scale: far
     from 1, the edit left the region where the influence approximation holds) and every scale
-    tried (``candidates``). ``seconds`` per phase. ``guarantee`` is always "approximate".
+    tried with the guarded training loss there (``candidates``). ``seconds`` per phase. ``guarantee`` is always "approximate".
     """
 
     requests: list
@@ -40,6 +40,8 @@ class EditReport:
     hessian_examples: int
     damping: float
     damping_rule: str
+    dampings_tried: list
+    curvature: str
     solver: str
     solver_iterations: int
     relative_residual: float

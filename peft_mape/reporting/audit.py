@@ -105,6 +105,36 @@ def build_audit_report(report: Union[UnlearnReport, dict], forget, *, model=None
     return audit
 
 
+# EditReport fields an auditor can check: how the edit was computed and what it changed.
+_EDIT_SETTINGS = ("num_train_examples", "num_train_examples_source", "hessian_examples", "damping", "damping_rule",
+                  "curvature", "solver")
+_EDIT_OUTCOME = ("losses_before", "losses_after", "scale", "update_norm", "full_step_norm", "relative_residual",
+                 "negative_curvature", "solver_iterations", "linearisation_ratio", "retain_loss_budget")
+
+
+def build_edit_audit_report(report, *, model_id: Optional[str] = None, adapter_id: Optional[str] = None,
+                            request_id: Optional[str] = None) -> dict:
+    """The audit report of one LLMEraser influence edit (:func:`peft_mape.llmeraser.erase`): the
+    requests as fingerprints of the old and new examples (never their contents), the settings,
+    the outcome, and the guarantee **approximate** (the adapter was edited, not retrained)."""
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    return {
+        "schema": SCHEMA,
+        "request_id": request_id,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "guarantee": GUARANTEE,
+        "model": model_id,
+        "source_adapter": adapter_id,
+        "adapter_name": data.get("edited_adapter"),
+        "method": "llmeraser-influence-edit",
+        "requests": data.get("requests"),
+        "hyperparameters": {k: data.get(k) for k in _EDIT_SETTINGS},
+        "outcome": {k: data.get(k) for k in _EDIT_OUTCOME},
+        "seconds": data.get("seconds"),
+        "versions": _versions(),
+    }
+
+
 def _json_scalar(value):
     if hasattr(value, "item"):  # numpy / torch scalars in metric dicts
         return value.item()

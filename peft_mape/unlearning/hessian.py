@@ -16,6 +16,8 @@ same function). Two solvers:
   Hessian-vector product per step (stochastic, cheaper per step).
 
 Both report the relative residual ||(H + lambda) x - b|| / ||b|| on the whole Hessian sample.
+H may also be the generalised Gauss-Newton matrix (``curvature="gauss-newton"``), positive
+semi-definite where the Hessian of a network is indefinite.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ..common.data import per_example_losses, to_device
+from ..common.data import default_per_example_loss, per_example_losses, to_device
 from ..common.modes import eval_mode
 
 SOLVERS = ("cg", "adam")
@@ -90,6 +93,45 @@ def hessian_vector_product(model, params: Sequence[torch.Tensor], batches, vecto
     return [t / max(count, 1) for t in total]
 
 
+def gauss_newton_vector_product(model, params: Sequence[torch.Tensor], batches, vector: Vector, loss_fn=None, *,
+                                device) -> Vector:
+    """G v for G = J^T (d^2 loss / d logits^2) J the generalised Gauss-Newton matrix of the mean
+    per-example loss over ``batches`` (J = d logits / d params): positive semi-definite for a
+    convex loss of the logits (cross-entropy, MSE), unlike the Hessian of a network away from an
+    exact minimum. J v by forward-mode ``torch.func.jvp``, J^T u by one backward pass. ``loss_fn``
+    must depend on the outputs only through ``outputs.logits``."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names = [by_id[id(p)] for p in params]
+    loss_of_logits = loss_fn or default_per_example_loss
+    total = [torch.zeros_like(p, dtype=accumulator_dtype(p)) for p in params]
+    count = 0
+    with eval_mode(model), sdpa_kernel(SDPBackend.MATH):
+        for batch in batches:
+            batch = to_device(batch, device)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+            def logits_of(*tensors):
+                return torch.func.functional_call(model, dict(zip(names, tensors)), (), inputs).logits
+
+            primals = tuple(p.detach() for p in params)
+            tangents = tuple(v.to(p.dtype) for v, p in zip(vector, params))
+            logits, j_v = torch.func.jvp(logits_of, primals, tangents)
+            z = logits.detach().requires_grad_(True)
+            losses = loss_of_logits(SimpleNamespace(logits=z), batch)
+            (dz,) = torch.autograd.grad(losses.sum(), z, create_graph=True)
+            (h_j_v,) = torch.autograd.grad((dz * j_v.detach()).sum(), z)
+            outputs = model(**inputs).logits
+            for acc, gv in zip(total, torch.autograd.grad(outputs, params, grad_outputs=h_j_v.to(outputs.dtype),
+                                                          allow_unused=True)):
+                if gv is not None:
+                    acc.add_(gv.detach())
+            count += losses.shape[0]
+    return [t / max(count, 1) for t in total]
+
+
+CURVATURES = {"hessian": hessian_vector_product, "gauss-newton": gauss_newton_vector_product}
+
+
 @dataclass
 class InfluenceSolution:
     """The solution x of (H + lambda I) x = b and how well it solves the system."""
@@ -98,14 +140,19 @@ class InfluenceSolution:
     iterations: int
     relative_residual: float
     negative_curvature: bool = False
+    # CG: the least d^T (H + lambda) d / d^T d along its directions (None for Adam); negative
+    # when it met negative curvature, and then by how much.
+    least_curvature: Optional[float] = None
 
 
 @dataclass
 class SolverSettings:
     """How :func:`solve_damped_system` solves: ``solver`` "cg" or "adam", ``steps`` (default 10
-    for CG, 100 for Adam), Adam's ``lr``, CG's relative-residual ``tolerance``."""
+    for CG, 100 for Adam), Adam's ``lr``, CG's relative-residual ``tolerance``, and the
+    ``curvature`` matrix: "hessian" or "gauss-newton" (:data:`CURVATURES`)."""
 
     solver: str = "cg"
+    curvature: str = "hessian"
     steps: Optional[int] = None
     lr: float = 1e-2
     tolerance: float = 1e-3
@@ -121,6 +168,9 @@ def solve_damped_system(model, params: Sequence[torch.Tensor], rhs: Vector, hess
         raise ValueError(f"unknown influence solver {solver!r}; choose one of {list(SOLVERS)}")
     if damping < 0:
         raise ValueError(f"the damping must be >= 0, got {damping}")
+    if settings.curvature not in CURVATURES:
+        raise ValueError(f"unknown curvature {settings.curvature!r}; choose one of {list(CURVATURES)}")
+    curvature_product = CURVATURES[settings.curvature]
     params = list(params)
     rhs = [r.detach().to(accumulator_dtype(p)) for r, p in zip(rhs, params)]
     batches = list(hessian_loader)
@@ -128,16 +178,18 @@ def solve_damped_system(model, params: Sequence[torch.Tensor], rhs: Vector, hess
         raise ValueError("the influence step needs a non-empty retain sample for the Hessian")
 
     def damped_product(v: Vector, sample=batches) -> Vector:
-        hv = hessian_vector_product(model, params, sample, v, loss_fn, device=device)
+        hv = curvature_product(model, params, sample, v, loss_fn, device=device)
         return _axpy(damping, v, hv)
 
     if solver == "cg":
-        x, iterations, negative = _conjugate_gradients(damped_product, rhs, steps or 10, tolerance, progress)
+        # CG's recurrence carries the residual b - A x: no extra product to measure it.
+        x, iterations, negative, residual, least = _conjugate_gradients(damped_product, rhs, steps or 10, tolerance,
+                                                                        progress)
     else:
         x, iterations, negative = _adam_quadratic(damped_product, rhs, batches, steps or 100, lr, progress)
-    residual = _axpy(-1.0, rhs, damped_product(x))
+        residual, least = _axpy(-1.0, rhs, damped_product(x)), None
     rhs_norm = _norm(rhs)
-    return InfluenceSolution(x, iterations, _norm(residual) / rhs_norm if rhs_norm > 0 else 0.0, negative)
+    return InfluenceSolution(x, iterations, _norm(residual) / rhs_norm if rhs_norm > 0 else 0.0, negative, least)
 
 
 def _conjugate_gradients(product, rhs: Vector, steps: int, tolerance: float, progress: bool):
@@ -146,12 +198,14 @@ def _conjugate_gradients(product, rhs: Vector, steps: int, tolerance: float, pro
     direction = [r.clone() for r in rhs]
     rr = _dot(residual, residual)
     target = tolerance**2 * float(rr)
-    negative, iterations = False, 0
+    negative, iterations, least = False, 0, None
     for _ in tqdm(range(steps), desc="influence (cg)", disable=not progress, leave=False):
         if float(rr) <= target:
             break
         a_dir = product(direction)
         curvature = _dot(direction, a_dir)
+        rayleigh = float(curvature) / max(float(_dot(direction, direction)), 1e-300)
+        least = rayleigh if least is None else min(least, rayleigh)
         if float(curvature) <= 0:
             # The damped Hessian is not positive definite along this direction: stop with the
             # current iterate rather than step to a saddle; the caller sees it in the report.
@@ -164,7 +218,7 @@ def _conjugate_gradients(product, rhs: Vector, steps: int, tolerance: float, pro
         direction = _axpy(float(rr_next / rr), direction, residual)
         rr = rr_next
         iterations += 1
-    return x, iterations, negative
+    return x, iterations, negative, residual, least
 
 
 def _adam_quadratic(product, rhs: Vector, batches, steps: int, lr: float, progress: bool):
