@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Union
 
-import torch
 
 from ..common.data import (
     fingerprint, forward_arguments, make_eval_loader, make_loader, materialise, pad_token_id, set_fingerprint,
@@ -40,9 +39,9 @@ from ..common.modes import gradients_only_for
 from ..common.stopping import mean_loss, retain_budget
 from ..unlearning.hessian import CURVATURES, SOLVERS, gradient_sum, solve_damped_system
 from ..unlearning.preparation import PhaseTimer
-from ..unlearning.step_control import halve_until
+from ..unlearning.step_control import halve_until, step_mover
 from .adapter import active_lora_adapter, adapter_parameters, copy_adapter
-from .report import EditReport
+from .report import EditReport, restore_adapter
 from .requests import PreparedRequest, prepare_request
 
 
@@ -201,7 +200,8 @@ def erase(model, request, train, **options: Any) -> EditReport:
         loaders = {"old": make_eval_loader(old, eval_size, pad), "train": make_eval_loader(guarded, eval_size, pad)}
         if new:
             loaders["new"] = make_eval_loader(new, eval_size, pad)
-        hessian_loader = make_loader(sample[:opts.hessian_examples], opts.batch_size, pad)
+        # collated once: the damping's product and every solver iteration read the same batches
+        hessian_batches = list(make_loader(sample[:opts.hessian_examples], opts.batch_size, pad))
     adapter = opts.copy_to or source_adapter
     named, originals = [], {}
 
@@ -225,11 +225,11 @@ def erase(model, request, train, **options: Any) -> EditReport:
                                            device=device, desc="new gradients", progress=opts.progress)
                     rhs = [r - d for r, d in zip(rhs, desired)]
             with timer.phase("solve"):
-                damping, rule = _damping(model, params, rhs, hessian_loader, opts, device)
+                damping, rule = _damping(model, params, rhs, hessian_batches, opts, device)
                 dampings = []
                 for _ in range(opts.damping_retries + 1):
                     dampings.append(damping)
-                    solution = solve_damped_system(model, params, rhs, hessian_loader, opts.loss_fn, device=device,
+                    solution = solve_damped_system(model, params, rhs, hessian_batches, opts.loss_fn, device=device,
                                                    damping=damping, curvature=opts.curvature, solver=opts.solver,
                                                    steps=opts.solver_steps, lr=opts.solver_lr, progress=opts.progress)
                     if not solution.negative_curvature:
@@ -242,7 +242,7 @@ def erase(model, request, train, **options: Any) -> EditReport:
             step = _apply_step(params, direction, rhs, len(old), before, losses, opts)
         after = step["after"]
     except BaseException:
-        _restore(model, named, originals, source_adapter, opts.copy_to)
+        restore_adapter(model, originals, source_adapter, adapter)
         raise
     warnings = list(step["warnings"])
     if len(dampings) > 1:
@@ -266,13 +266,13 @@ def erase(model, request, train, **options: Any) -> EditReport:
     )
 
 
-def _damping(model, params, rhs, hessian_loader, opts: EraseOptions, device) -> tuple[float, str]:
+def _damping(model, params, rhs, hessian_batches, opts: EraseOptions, device) -> tuple[float, str]:
     if not isinstance(opts.damping, str):
         return float(opts.damping), "given"
     norm_sq = _dot(rhs, rhs)
     if norm_sq == 0:
         return 0.0, "auto: b = 0"
-    product = CURVATURES[opts.curvature](model, params, list(hessian_loader), rhs, opts.loss_fn, device=device)
+    product = CURVATURES[opts.curvature](model, params, hessian_batches, rhs, opts.loss_fn, device=device)
     curvature = _dot(rhs, product) / norm_sq
     # Along b the Hessian can be flat or negative away from a minimum; the magnitude still says
     # which scale of curvature the edit meets.
@@ -281,16 +281,7 @@ def _damping(model, params, rhs, hessian_loader, opts: EraseOptions, device) -> 
 
 
 def _apply_step(params, direction, rhs, num_old: int, before: dict, losses, opts: EraseOptions) -> dict:
-    for d in direction:
-        if not torch.isfinite(d).all():
-            raise FloatingPointError("the influence edit is not finite (NaN/inf in the gradients or the solve)")
-    starts = [p.detach().clone() for p in params]
-
-    def move_to(scale: float) -> None:
-        with torch.no_grad():
-            for p, start, d in zip(params, starts, direction):
-                p.copy_(start + scale * d.to(p.dtype))
-
+    move_to = step_mover(params, direction, "the influence edit")
     def gap(measured: dict) -> float:  # what the edit should raise: old examples' loss minus new ones'
         return measured["old"] - measured.get("new", 0.0)
 
@@ -325,14 +316,3 @@ def _apply_step(params, direction, rhs, num_old: int, before: dict, losses, opts
                         "the chosen scale: the influence approximation does not hold there")
     return {"scale": scale, "full_norm": full_norm, "ratio": ratio, "budget": budget, "candidates": candidates,
             "after": at, "warnings": warnings}
-
-
-def _restore(model, named, originals: dict, source_adapter: str, copy_to: Optional[str]) -> None:
-    """Leave the model as it was before a failed call."""
-    with torch.no_grad():
-        for name, param in named:
-            param.copy_(originals[name])
-    if copy_to is not None and copy_to in model.peft_config:
-        model.set_adapter(source_adapter)
-        model.delete_adapter(copy_to)
-

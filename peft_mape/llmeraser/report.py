@@ -69,18 +69,25 @@ class EditReport:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict(), indent=2)))
 
 
-def undo(model, report: EditReport) -> None:
-    """Put ``model`` back exactly as it was before the edit of ``report``: the copy adapter is
-    deleted (and the original made active again), or the edited tensors restored."""
-    if report.edited_adapter != report.adapter_name:
-        if report.edited_adapter in model.peft_config:
-            model.set_adapter(report.adapter_name)
-            model.delete_adapter(report.edited_adapter)
+def restore_adapter(model, originals: dict, adapter_name: str, edited_adapter: str) -> None:
+    """Put back what an edit changed: delete the copy ``edited_adapter`` (making ``adapter_name``
+    active again) when the edit wrote into a copy, else copy ``originals`` (parameter name ->
+    tensor) back into the model. Also what a failed :func:`erase` runs."""
+    if edited_adapter != adapter_name:
+        if edited_adapter in model.peft_config:
+            model.set_adapter(adapter_name)
+            model.delete_adapter(edited_adapter)
         return
     params = dict(model.named_parameters())
-    missing = [name for name in report.originals if name not in params]
+    missing = [name for name in originals if name not in params]
     if missing:
         raise ValueError(f"undo: the model has no parameter {missing[0]!r}; it is not the model this edit changed")
     with torch.no_grad():
-        for name, value in report.originals.items():
+        for name, value in originals.items():
             params[name].copy_(value)
+
+
+def undo(model, report: EditReport) -> None:
+    """Put ``model`` back exactly as it was before the edit of ``report``: the copy adapter is
+    deleted (and the original made active again), or the edited tensors restored."""
+    restore_adapter(model, report.originals, report.adapter_name, report.edited_adapter)

@@ -37,14 +37,29 @@ def halve_until(attempt: Callable[[float], dict], fits: Callable[[dict], bool], 
     return (scale if fits(result) else 0.0), result
 
 
+def step_mover(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.Tensor], what: str
+               ) -> Callable[[float], None]:
+    """``move_to(s)`` puts ``params`` at their current values plus ``s * direction`` (``move_to(0.0)``
+    restores them); an error first when the direction is not finite."""
+    for d in direction:
+        if not torch.isfinite(d).all():
+            raise FloatingPointError(f"{what} is not finite (NaN/inf in gradients or curvature)")
+    starts = [p.detach().clone() for p in params]
+
+    def move_to(scale: float) -> None:
+        with torch.no_grad():
+            for p, start, d in zip(params, starts, direction):
+                p.copy_(start + scale * d.to(p.dtype))
+
+    return move_to
+
+
 def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.Tensor], data, *,
                 forget_gradient_sum: Sequence[torch.Tensor], target=None, retain_tolerance: float = 0.1,
                 max_scale: float = 1.0) -> dict:
     """Apply ``s * direction`` to ``params`` in place for the ``s`` described in the module
     docstring; returns the diagnostics (``scale``, ``candidates``, ``linearisation_ratio``, ...)."""
-    for d in direction:
-        if not torch.isfinite(d).all():
-            raise FloatingPointError("the closed-form step is not finite (NaN/inf in gradients or curvature)")
+    move_to = step_mover(params, direction, "the closed-form step")
     loader = data.report_loader if data.report_loader is not None else data.retain_loader
 
     def measure() -> dict:
@@ -56,13 +71,6 @@ def scaled_step(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.
         else:
             out["forget_loss"] = mean_loss(data.model, data.forget_eval_loader, data.loss_fn, device=data.device)
         return out
-
-    originals = [p.detach().clone() for p in params]
-
-    def move_to(scale: float) -> None:
-        with torch.no_grad():
-            for p, start, d in zip(params, originals, direction):
-                p.copy_(start + scale * d.to(p.dtype))
 
     start = measure()
     reference = start["retain_loss"] if data.retain_reference is None else data.retain_reference
