@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Union
 
-
 from ..common.data import (
     fingerprint, forward_arguments, make_eval_loader, make_loader, materialise, pad_token_id, set_fingerprint,
     validate_examples,
