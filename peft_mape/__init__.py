@@ -7,6 +7,7 @@ FFN filters, and whose adapters save and load like any PEFT adapter. Nothing in 
 replaced: MAPE's saving and loading go through PEFT's own tuner and config hooks.
 """
 
+from .common.distributed import is_main_process
 from .tuner.config import MAPEConfig
 from .tuner.layer import MAPELayer
 from .tuner.model import MAPEModel
@@ -19,5 +20,5 @@ from .unlearning import DEFAULT_METHOD, METHODS, unlearn
 register_mape(MAPEConfig, MAPEModel)
 
 __all__ = ["MAPEConfig", "MAPEModel", "MAPELayer", "UnlearnReport", "RequestLog", "load_requests", "METHODS",
-           "DEFAULT_METHOD", "ensure_peft_type", "methods", "unlearn"]
+           "DEFAULT_METHOD", "ensure_peft_type", "is_main_process", "methods", "unlearn"]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..common.data import per_example_losses, to_device
+from ..common.distributed import RowShard, sum_across
 from ..common.loop import optimise
 from ..common.stopping import target_mean
 from ..common.modes import eval_mode, gradients_only_for
@@ -54,13 +55,14 @@ def weight_saliency_mask(model, forget_loader, num_weights: int, *, candidates: 
         raise ValueError(f"num_weights must be between 1 and the {total:,} candidate weights, got {num_weights}")
     grads = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in pool.items()}
     with gradients_only_for(model, pool.values()), eval_mode(model):
-        for batch in forget_loader:
+        for batch in RowShard(forget_loader):
             batch = to_device(batch, device)
             values = torch.autograd.grad(per_example_losses(model, batch, loss_fn).sum(), list(pool.values()),
                                          allow_unused=True)
             for name, g in zip(pool, values):
                 if g is not None:
                     grads[name] += g.float()
+    sum_across(list(grads.values()))
     flat = torch.cat([g.abs().reshape(-1) for g in grads.values()])
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     chosen[torch.topk(flat, num_weights, sorted=False).indices] = True

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import forward_with_losses, per_example_kl, per_example_losses, to_device
+from .distributed import rejoin_rows, split_rows, sum_across, world_size
 from .modes import eval_mode
 from .stopping import HoldoutTarget, StepControl, check_target, mean_loss, restore, snapshot, target_summary
 
@@ -254,6 +255,40 @@ def _settled_reason(settling: dict) -> str:
             f"until step {settling['step']} (retain loss {settling['retain_loss']:.4f}): stopped there")
 
 
+def _step_losses(model, method: LoopMethod, forget_batch: dict, retain_batch: Optional[dict], *, loss_fn,
+                 device, reference) -> StepLosses:
+    """The per-example quantities of one step over its global batches. With several processes
+    each rank computes its rows (:func:`~.distributed.split_rows`) and gets every row back, its own
+    still differentiable, so the method's objective is the one-process objective on every rank."""
+    empty = torch.zeros(0, device=device)
+
+    def rows(batch):
+        local, size = split_rows(batch)
+        return (to_device(local, device) if local is not None else None), size
+
+    forget, forget_size = rows(forget_batch)
+    forget_losses = per_example_losses(model, forget, loss_fn) if forget is not None else None
+    losses = StepLosses(forget=rejoin_rows(forget_losses, forget_size, like=empty))
+    if method.needs_reference:
+        with torch.no_grad(), reference():
+            values = per_example_losses(model, forget, loss_fn) if forget is not None else None
+        losses.forget_reference = rejoin_rows(values, forget_size, like=empty)
+    if retain_batch is not None:
+        retain, retain_size = rows(retain_batch)
+        needs_kl = method.kl_weight > 0
+        retain_losses, kl = None, None
+        if retain is not None:
+            outputs, retain_losses = forward_with_losses(model, retain, loss_fn, need_outputs=needs_kl)
+            if needs_kl:
+                with torch.no_grad(), reference():
+                    reference_logits = model(**retain).logits
+                kl = per_example_kl(reference_logits, outputs.logits, retain)
+        losses.retain = rejoin_rows(retain_losses, retain_size, like=empty)
+        if needs_kl:
+            losses.retain_kl = rejoin_rows(kl, retain_size, like=empty)
+    return losses
+
+
 def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, data: LoopData, *, lr: float,
              target: "Optional[float | HoldoutTarget]" = None, initial_check: Optional[dict] = None,
              reference: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
@@ -308,24 +343,21 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
     bar = tqdm(total=max_steps, desc=f"update ({method.name})", disable=not data.progress, leave=False)
     with eval_mode(model):
         for step in range(1, max_steps + 1):
-            forget_batch = to_device(next(forget_batches), device)
-            losses = StepLosses(forget=per_example_losses(model, forget_batch, loss_fn), forget_cap=cap)
-            if method.needs_reference:
-                with torch.no_grad(), reference():
-                    losses.forget_reference = per_example_losses(model, forget_batch, loss_fn)
-            if retain_batches is not None:
-                retain_batch = to_device(next(retain_batches), device)
-                outputs, losses.retain = forward_with_losses(model, retain_batch, loss_fn,
-                                                             need_outputs=needs_retain_kl)
-                if needs_retain_kl:
-                    with torch.no_grad(), reference():
-                        reference_logits = model(**retain_batch).logits
-                    losses.retain_kl = per_example_kl(reference_logits, outputs.logits, retain_batch)
+            losses = _step_losses(model, method, next(forget_batches),
+                                  next(retain_batches) if retain_batches is not None else None,
+                                  loss_fn=loss_fn, device=device, reference=reference)
+            losses.forget_cap = cap
             objective = method.objective(losses)
             if not torch.isfinite(objective):
                 raise FloatingPointError(f"non-finite {method.name} objective at step {step}")
             optimizer.zero_grad(set_to_none=True)
-            objective.backward()
+            if objective.requires_grad:  # a rank may hold no rows of this step's batch
+                objective.backward()
+            if world_size() > 1:  # each rank's backward gave its rows' part of the global gradient
+                for param in params:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                sum_across([param.grad for param in params])
             torch.nn.utils.clip_grad_norm_(params, method.max_grad_norm)
             optimizer.step()
             result.steps = step

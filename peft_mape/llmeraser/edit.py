@@ -34,6 +34,7 @@ from ..common.data import (
     fingerprint, forward_arguments, make_eval_loader, make_loader, materialise, pad_token_id, set_fingerprint,
     validate_examples,
 )
+from ..common.distributed import is_main_process, join_launch
 from ..common.modes import gradients_only_for
 from ..common.stopping import mean_loss, retain_budget
 from ..unlearning.hessian import CURVATURES, SOLVERS, gradient_sum, solve_damped_system
@@ -178,6 +179,8 @@ def erase(model, request, train, **options: Any) -> EditReport:
         raise TypeError(f"erase() got unknown option(s) {unknown}; allowed: {[f.name for f in fields(EraseOptions)]}")
     opts = EraseOptions(**options)
     opts.validate()
+    join_launch()
+    progress = opts.progress and is_main_process()  # one set of bars, not one per process
     timer = PhaseTimer()
     with timer.phase("prepare"):
         source_adapter = active_lora_adapter(model)
@@ -218,10 +221,10 @@ def erase(model, request, train, **options: Any) -> EditReport:
                 before = losses()
             with timer.phase("gradients"):
                 rhs = gradient_sum(model, params, make_loader(old, opts.batch_size, pad), opts.loss_fn, device=device,
-                                   desc="removed / old gradients", progress=opts.progress)
+                                   desc="removed / old gradients", progress=progress)
                 if new:
                     desired = gradient_sum(model, params, make_loader(new, opts.batch_size, pad), opts.loss_fn,
-                                           device=device, desc="new gradients", progress=opts.progress)
+                                           device=device, desc="new gradients", progress=progress)
                     rhs = [r - d for r, d in zip(rhs, desired)]
             with timer.phase("solve"):
                 damping, rule = _damping(model, params, rhs, hessian_batches, opts, device)
@@ -230,7 +233,7 @@ def erase(model, request, train, **options: Any) -> EditReport:
                     dampings.append(damping)
                     solution = solve_damped_system(model, params, rhs, hessian_batches, opts.loss_fn, device=device,
                                                    damping=damping, curvature=opts.curvature, solver=opts.solver,
-                                                   steps=opts.solver_steps, lr=opts.solver_lr, progress=opts.progress)
+                                                   steps=opts.solver_steps, lr=opts.solver_lr, progress=progress)
                     if not solution.negative_curvature:
                         break
                     # Just enough to make the direction CG met positive: its curvature

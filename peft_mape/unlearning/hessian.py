@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..common.data import default_per_example_loss, per_example_losses, to_device
+from ..common.distributed import RowShard, sum_across, sum_count
 from ..common.modes import eval_mode
 
 SOLVERS = ("cg", "adam")
@@ -63,12 +64,13 @@ def gradient_sum(model, params: Sequence[torch.Tensor], loader, loss_fn=None, *,
     """Sum over the examples of ``loader`` of d loss / d param (dropout off), in fp32 or wider."""
     totals = [torch.zeros_like(p, dtype=accumulator_dtype(p)) for p in params]
     with eval_mode(model):
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(RowShard(loader), desc=desc, disable=not progress, leave=False):
             batch = to_device(batch, device)
             losses = per_example_losses(model, batch, loss_fn)
             for total, grad in zip(totals, torch.autograd.grad(losses.sum(), params, allow_unused=True)):
                 if grad is not None:
                     total.add_(grad)
+    sum_across(totals)
     return totals
 
 
@@ -80,7 +82,7 @@ def hessian_vector_product(model, params: Sequence[torch.Tensor], batches, vecto
     # The fused CPU/GPU attention kernels have no double backward; the math kernel is plain
     # autograd ops and gives the same function.
     with eval_mode(model), sdpa_kernel(SDPBackend.MATH):
-        for batch in batches:
+        for batch in RowShard(batches):
             batch = to_device(batch, device)
             losses = per_example_losses(model, batch, loss_fn)
             grads = torch.autograd.grad(losses.sum(), params, create_graph=True)
@@ -90,7 +92,8 @@ def hessian_vector_product(model, params: Sequence[torch.Tensor], batches, vecto
                 if hv is not None:
                     acc.add_(hv.detach())
             count += losses.shape[0]
-    return [t / max(count, 1) for t in total]
+    sum_across(total)
+    return [t / max(sum_count(count), 1) for t in total]
 
 
 def gauss_newton_vector_product(model, params: Sequence[torch.Tensor], batches, vector: Vector, loss_fn=None, *,
@@ -106,7 +109,7 @@ def gauss_newton_vector_product(model, params: Sequence[torch.Tensor], batches, 
     total = [torch.zeros_like(p, dtype=accumulator_dtype(p)) for p in params]
     count = 0
     with eval_mode(model), sdpa_kernel(SDPBackend.MATH):
-        for batch in batches:
+        for batch in RowShard(batches):
             batch = to_device(batch, device)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
 
@@ -126,7 +129,8 @@ def gauss_newton_vector_product(model, params: Sequence[torch.Tensor], batches, 
                 if gv is not None:
                     acc.add_(gv.detach())
             count += losses.shape[0]
-    return [t / max(count, 1) for t in total]
+    sum_across(total)
+    return [t / max(sum_count(count), 1) for t in total]
 
 
 CURVATURES = {"hessian": hessian_vector_product, "gauss-newton": gauss_newton_vector_product}

@@ -17,6 +17,7 @@ from ..common.data import (
     MIN_EVAL_BATCH_SIZE, drop_overlap, fingerprint, forward_arguments, make_eval_loader, make_loader, materialise,
     pad_token_id, validate_examples,
 )
+from ..common.distributed import is_main_process, join_launch
 from ..common.loop import LoopData
 from ..common.stopping import HoldoutTarget, example_losses, mean_loss
 
@@ -125,7 +126,7 @@ class UnlearningData:
 
     @property
     def progress(self) -> bool:
-        return self.options.progress
+        return self.options.progress and is_main_process()  # one set of bars, not one per process
 
     @property
     def batch_size(self) -> int:
@@ -162,6 +163,7 @@ def prepare(model, forget, retain=None, *, options: Optional[RunOptions] = None,
     """
     options = options or RunOptions()
     options.validate()
+    join_launch()
     timer = PhaseTimer()
     with timer.phase("data"):
         needs_labels = options.loss_fn is None

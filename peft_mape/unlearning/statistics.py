@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.data import per_example_losses, to_device
+from ..common.distributed import RowShard, sum_across, sum_count
 from ..common.modes import eval_mode
 from .hessian import gradient_sum
 
@@ -58,11 +59,11 @@ def _gated_layers(tuner) -> dict[str, list]:
 def mask_gradients(tuner, loader, loss_fn=None, *, device, desc="mask gradients", progress=True) -> MaskGradients:
     """Per-example mask gradients of every head and filter over ``loader``."""
     gated = _gated_layers(tuner)
-    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in UNIT_TYPES}
-    losses_seen: list[torch.Tensor] = []
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per batch: heads, filters, losses
+    shard = RowShard(loader)
     try:
         with eval_mode(tuner.model):
-            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            for batch in tqdm(shard, desc=desc, disable=not progress, leave=False):
                 batch = to_device(batch, device)
                 size = next(iter(batch.values())).shape[0]
                 gates = {
@@ -72,18 +73,18 @@ def mask_gradients(tuner, loader, loss_fn=None, *, device, desc="mask gradients"
                     for kind, layers in gated.items()
                 }
                 losses = per_example_losses(tuner.model, batch, loss_fn)
-                losses_seen.append(losses.detach().double())
                 flat = gates["heads"] + gates["filters"]
                 grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
                 grads = [torch.zeros_like(g) if d is None else d for g, d in zip(flat, grads)]
                 n_layers = len(gates["heads"])
-                chunks["heads"].append(torch.stack(grads[:n_layers], 1).float())
-                chunks["filters"].append(torch.stack(grads[n_layers:], 1).float())
+                parts.append((torch.stack(grads[:n_layers], 1).float().cpu(),
+                              torch.stack(grads[n_layers:], 1).float().cpu(), losses.detach().double().cpu()))
     finally:
         for layers in gated.values():
             for layer in layers:
                 layer.close_gate()
-    return MaskGradients({k: torch.cat(v) for k, v in chunks.items()}, torch.cat(losses_seen))
+    heads, filters, losses = zip(*shard.gather(parts))
+    return MaskGradients({"heads": torch.cat(heads), "filters": torch.cat(filters)}, torch.cat(losses))
 
 
 def parameter_gradient_sum(tuner, adapter_name, loader, loss_fn=None, *, device, desc="forget gradient", progress=True):
@@ -99,7 +100,7 @@ def parameter_fisher_diagonal(tuner, adapter_name, loader, loss_fn=None, *, devi
     count = 0
     try:
         with eval_mode(tuner.model):
-            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            for batch in tqdm(RowShard(loader), desc=desc, disable=not progress, leave=False):
                 batch = to_device(batch, device)
                 for layer in layers:
                     layer.record_delta_inputs(adapter_name)
@@ -117,7 +118,8 @@ def parameter_fisher_diagonal(tuner, adapter_name, loader, loss_fn=None, *, devi
     finally:
         for layer in layers:
             layer.stop_recording()
-    return [s / max(count, 1) for s in sums]
+    sum_across(sums)
+    return [s / max(sum_count(count), 1) for s in sums]
 
 
 @dataclass
