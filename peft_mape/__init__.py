@@ -19,6 +19,16 @@ from .unlearning import DEFAULT_METHOD, METHODS, unlearn
 
 register_mape(MAPEConfig, MAPEModel)
 
+
+def __getattr__(name):
+    # UnlearningTrainer imports transformers.Trainer (and through it accelerate): only on use.
+    if name == "UnlearningTrainer":
+        from .trainer import UnlearningTrainer
+
+        return UnlearningTrainer
+    raise AttributeError(f"module 'peft_mape' has no attribute {name!r}")
+
+
 __all__ = ["MAPEConfig", "MAPEModel", "MAPELayer", "UnlearnReport", "RequestLog", "load_requests", "METHODS",
-           "DEFAULT_METHOD", "ensure_peft_type", "is_main_process", "methods", "unlearn"]
+           "DEFAULT_METHOD", "ensure_peft_type", "is_main_process", "methods", "unlearn", "UnlearningTrainer"]
 __version__ = "0.1.0"

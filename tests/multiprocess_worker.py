@@ -106,6 +106,19 @@ def main() -> None:
     results["salun"] = {"state": {n: p.detach().clone() for n, p in base.named_parameters()},
                         "steps": salun["steps"]}
 
+    from transformers import TrainingArguments
+
+    trained = get_peft_model(copy.deepcopy(base), peft_mape.MAPEConfig(sparsity=0.9))
+    trainer = peft_mape.UnlearningTrainer(
+        trained, TrainingArguments(output_dir=str(Path(args.out) / "trainer"), max_steps=4, per_device_train_batch_size=2,
+                                   learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                   disable_tqdm=True, logging_steps=100),
+        forget=forget, retain=retain, progress=False)
+    trainer.train()
+    results["trainer"] = {"state": {n: p.detach().clone() for n, p in trained.named_parameters() if "mape" in n},
+                          "heads": trainer.report().selected_heads, "filters": trainer.report().selected_filters,
+                          "steps": trainer.state.global_step, "processes": trainer.args.world_size}
+
     torch.manual_seed(0)
     lora = get_peft_model(model_from_config(tiny_config("bert", vocab_size=VOCAB), causal=False),
                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 import peft_mape
 
 PACKAGE = Path(peft_mape.__file__).parent
-LAYERS = {"common": 0, "tuner": 1, "unlearning": 2, "baselines": 3, "llmeraser": 3, "evaluation": 3, "reporting": 4,
+LAYERS = {"common": 0, "tuner": 1, "unlearning": 2, "baselines": 3, "llmeraser": 3, "trainer": 3, "evaluation": 3, "reporting": 4,
           "cli": 5}
 # MAPEModel's unlearn() / unlearn_request() / precompute_retain_statistics() are the user's entry
 # points on the PEFT model: they forward, lazily, to the unlearning layer.

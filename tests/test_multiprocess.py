@@ -2,8 +2,9 @@
 pass out between the processes and gives every rank the one-process result.
 
 ``multiprocess_worker.py`` runs MAPE's loop methods (GradDiff with a holdout, NPO), its
-closed-form influence step, memory-aided successive requests, the LoRA and SalUn baselines and
-an LLMEraser edit, once alone and once in two processes, and writes what each produced.
+closed-form influence step, memory-aided successive requests, the LoRA and SalUn baselines, an
+LLMEraser edit and a few steps of ``UnlearningTrainer`` (DDP through the Trainer's accelerate),
+once alone and once in two processes, and writes what each produced.
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ def test_the_selection_and_the_stopping_equal_one_process(runs):
     for (heads, filters, loss), (heads_one, filters_one, loss_one) in zip(first["successive"]["log"],
                                                                           one["successive"]["log"]):
         assert (heads, filters) == (heads_one, filters_one) and loss == pytest.approx(loss_one, rel=1e-4)
-    for name in ("lora", "salun"):
+    for name in ("lora", "salun", "trainer"):
         assert first[name]["steps"] == one[name]["steps"], name
+    assert (first["trainer"]["processes"], one["trainer"]["processes"]) == (2, 1)
+    # the Trainer (DDP through accelerate) runs after the library's statistics and search
+    assert (first["trainer"]["heads"], first["trainer"]["filters"]) == (one["graddiff"]["heads"],
+                                                                        one["graddiff"]["filters"])
 
 
 def test_closed_form_steps_equal_one_process(runs):

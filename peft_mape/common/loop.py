@@ -255,6 +255,28 @@ def _settled_reason(settling: dict) -> str:
             f"until step {settling['step']} (retain loss {settling['retain_loss']:.4f}): stopped there")
 
 
+def batch_losses(model, method: LoopMethod, forget: Optional[dict], retain: Optional[dict] = None, *, loss_fn=None,
+                 reference=None, full_forward: bool = False) -> StepLosses:
+    """The per-example quantities ``method`` needs on these batches (on the model's device; a
+    ``None`` batch leaves its fields ``None``). ``full_forward`` runs every differentiated pass
+    through ``model(**batch)`` (a DDP wrapper must see the forward to synchronise gradients),
+    never the answer-positions-only shortcut of :func:`~.data.forward_with_losses`."""
+    losses = StepLosses(forget=None)
+    if forget is not None:
+        losses.forget = forward_with_losses(model, forget, loss_fn, need_outputs=full_forward)[1]
+        if method.needs_reference:
+            with torch.no_grad(), reference():
+                losses.forget_reference = per_example_losses(model, forget, loss_fn)
+    if retain is not None:
+        needs_kl = method.kl_weight > 0
+        outputs, losses.retain = forward_with_losses(model, retain, loss_fn, need_outputs=needs_kl or full_forward)
+        if needs_kl:
+            with torch.no_grad(), reference():
+                reference_logits = model(**retain).logits
+            losses.retain_kl = per_example_kl(reference_logits, outputs.logits, retain)
+    return losses
+
+
 def _step_losses(model, method: LoopMethod, forget_batch: dict, retain_batch: Optional[dict], *, loss_fn,
                  device, reference) -> StepLosses:
     """The per-example quantities of one step over its global batches. With several processes
@@ -263,29 +285,20 @@ def _step_losses(model, method: LoopMethod, forget_batch: dict, retain_batch: Op
     empty = torch.zeros(0, device=device)
 
     def rows(batch):
+        if batch is None:
+            return None, 0
         local, size = split_rows(batch)
         return (to_device(local, device) if local is not None else None), size
 
-    forget, forget_size = rows(forget_batch)
-    forget_losses = per_example_losses(model, forget, loss_fn) if forget is not None else None
-    losses = StepLosses(forget=rejoin_rows(forget_losses, forget_size, like=empty))
+    (forget, forget_size), (retain, retain_size) = rows(forget_batch), rows(retain_batch)
+    local = batch_losses(model, method, forget, retain, loss_fn=loss_fn, reference=reference)
+    losses = StepLosses(forget=rejoin_rows(local.forget, forget_size, like=empty))
     if method.needs_reference:
-        with torch.no_grad(), reference():
-            values = per_example_losses(model, forget, loss_fn) if forget is not None else None
-        losses.forget_reference = rejoin_rows(values, forget_size, like=empty)
+        losses.forget_reference = rejoin_rows(local.forget_reference, forget_size, like=empty)
     if retain_batch is not None:
-        retain, retain_size = rows(retain_batch)
-        needs_kl = method.kl_weight > 0
-        retain_losses, kl = None, None
-        if retain is not None:
-            outputs, retain_losses = forward_with_losses(model, retain, loss_fn, need_outputs=needs_kl)
-            if needs_kl:
-                with torch.no_grad(), reference():
-                    reference_logits = model(**retain).logits
-                kl = per_example_kl(reference_logits, outputs.logits, retain)
-        losses.retain = rejoin_rows(retain_losses, retain_size, like=empty)
-        if needs_kl:
-            losses.retain_kl = rejoin_rows(kl, retain_size, like=empty)
+        losses.retain = rejoin_rows(local.retain, retain_size, like=empty)
+        if method.kl_weight > 0:
+            losses.retain_kl = rejoin_rows(local.retain_kl, retain_size, like=empty)
     return losses
 
 
