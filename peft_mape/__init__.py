@@ -7,7 +7,7 @@ FFN filters, and whose adapters save and load like any PEFT adapter. Nothing in 
 replaced: MAPE's saving and loading go through PEFT's own tuner and config hooks.
 """
 
-from .common.distributed import is_main_process
+from .common.distributed import gathered_state_dict, is_main_process
 from .tuner.config import MAPEConfig
 from .tuner.layer import MAPELayer
 from .tuner.model import MAPEModel
@@ -30,5 +30,5 @@ def __getattr__(name):
 
 
 __all__ = ["MAPEConfig", "MAPEModel", "MAPELayer", "UnlearnReport", "RequestLog", "load_requests", "METHODS",
-           "DEFAULT_METHOD", "ensure_peft_type", "is_main_process", "methods", "unlearn", "UnlearningTrainer"]
+           "DEFAULT_METHOD", "ensure_peft_type", "gathered_state_dict", "is_main_process", "methods", "unlearn", "UnlearningTrainer"]
 __version__ = "0.1.0"

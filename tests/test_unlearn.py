@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -265,3 +266,29 @@ def test_the_phases_reuse_a_measured_forget_loss(monkeypatch):
         report = unlearn_prepared(tuner, "default", method, data, selection=selection, forget_loss_before=measured)
     assert report.forget_loss_before == measured
     assert passes.count(len(forget)) == 1  # the after-pass only
+
+
+def test_select_units_then_allocated_equals_one_unlearn_call():
+    """The two stages of the FSDP2 path, in one process: the search alone changes nothing, and
+    updating deltas allocated from its selection is the one-call result."""
+    base, forget, retain = _memorised_model()
+    searched = get_peft_model(copy.deepcopy(base), MAPEConfig(sparsity=0.9))
+    selection = searched.select_units(forget, retain, progress=False)
+    assert not searched.peft_config["default"].selection and not searched.base_model.adapter_parameters("default")
+    assert searched.peft_config["default"].sparsity == 0.9
+    whole = get_peft_model(copy.deepcopy(base), MAPEConfig(sparsity=0.9))
+    expected = whole.unlearn(forget, retain, max_steps=10, progress=False)
+    assert selection == whole.peft_config["default"].selection
+
+    staged = get_peft_model(copy.deepcopy(base), MAPEConfig(sparsity=0.9, selection=selection))
+    before = [p.data_ptr() for p in staged.base_model.adapter_parameters("default")]
+    report = staged.unlearn(forget, retain, selection="allocated", max_steps=10, progress=False)
+    assert [p.data_ptr() for p in staged.base_model.adapter_parameters("default")] == before  # never re-allocated
+    assert report.steps == expected.steps
+    assert report.forget_loss_after == pytest.approx(expected.forget_loss_after, rel=1e-6)
+
+    with pytest.raises(ValueError, match="non-zero deltas"):
+        staged.unlearn(forget, retain, selection="allocated", progress=False)
+    empty = get_peft_model(copy.deepcopy(base), MAPEConfig(sparsity=0.9))
+    with pytest.raises(ValueError, match="holds no selection"):
+        empty.unlearn(forget, retain, selection="allocated", progress=False)

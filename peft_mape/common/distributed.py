@@ -18,7 +18,10 @@ process would have computed:
   process, and the same update on every rank.
 
 Every rank runs the same number of collectives: the loaders are deterministic and identical on
-every rank, and a rank without a batch still joins each collective with an empty part.
+every rank, and a rank without a batch still joins each collective with an empty part. Under
+FSDP2 (:func:`is_sharded`) the forward and backward passes are collectives too: a rank without
+rows of a batch runs it on a stand-in row whose result is dropped (:func:`stand_in_rows`), and
+the update's gradients are reduced by FSDP's own reduce-scatter instead of :func:`sum_across`.
 """
 
 from __future__ import annotations
@@ -59,18 +62,24 @@ class RowShard:
     batches; with one process, the batches themselves. :meth:`gather` puts per-batch results back
     together."""
 
-    def __init__(self, batches: Iterable):
-        self.batches = batches
+    def __init__(self, batches: Iterable, *, lockstep: bool = False):
+        self.batches, self.lockstep = batches, lockstep
         self.sizes: list[int] = []  # rows of each global batch, filled while iterating
+        self.stand_ins: set[int] = set()  # positions of yielded batches that only keep the ranks in step
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[dict]:
+        yielded = 0
         for batch in self.batches:
             local, size = split_rows(batch)
             self.sizes.append(size)
+            if local is None and self.lockstep:
+                local = stand_in_rows(batch)
+                self.stand_ins.add(yielded)
             if local is not None:
+                yielded += 1
                 yield local
 
     def gather(self, parts: Sequence) -> list:
@@ -80,6 +89,7 @@ class RowShard:
         world = world_size()
         if world == 1:
             return list(parts)
+        parts = [part for position, part in enumerate(parts) if position not in self.stand_ins]
         every: list = [None] * world
         dist.all_gather_object(every, [_to_cpu(part) for part in parts])
         taken, joined = [0] * world, []
@@ -144,6 +154,14 @@ def split_rows(batch: dict) -> tuple[Optional[dict], int]:
             for k, v in batch.items()}, size
 
 
+def stand_in_rows(batch: dict) -> dict:
+    """The first row of ``batch``, for a rank that holds none of its rows but must still run the
+    forward (and backward) that the others run: FSDP2 gathers each layer's weights in a
+    collective inside the forward. Its results are dropped (its loss enters with weight 0)."""
+    size = next(iter(batch.values())).shape[0]
+    return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
+
+
 def rejoin_rows(local: Optional[torch.Tensor], size: int, *, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The global batch's per-example values [size] from every rank's :func:`split_rows` part:
     the other ranks' values as constants, this rank's still attached to its graph. ``like``
@@ -160,3 +178,28 @@ def rejoin_rows(local: Optional[torch.Tensor], size: int, *, like: Optional[torc
     order = torch.cat([torch.arange(r, size, world) for r in range(world)])
     joined = torch.cat(parts)
     return joined[torch.argsort(order).to(joined.device)]
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict:
+    """``model.state_dict()`` with every sharded (FSDP2 ``DTensor``) tensor gathered whole, for
+    ``save_pretrained(..., state_dict=...)`` on the main process. A collective: call it on every
+    rank."""
+    from torch.distributed.tensor import DTensor
+
+    return {key: value.full_tensor() if isinstance(value, DTensor) else value
+            for key, value in model.state_dict().items()}
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded by FSDP2 (``DTensor``): then every rank must run
+    every forward and backward, even with no rows of its own (see :func:`split_rows`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, gathered whole when it is an FSDP2 shard (a collective then)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

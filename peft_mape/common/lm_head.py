@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .distributed import is_sharded
+
 PLAIN_HEAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2")
 # Batch keys the decoder-only path understands; anything else (position ids, images, ...) means
 # the batch needs the model's own forward.
@@ -39,6 +41,8 @@ def decoder_and_head(model):
     """(decoder, output embedding) when logits are head(decoder hidden states), else None."""
     base = unwrap(model)
     if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_FAMILIES:
+        return None
+    if is_sharded(base):  # FSDP2 gathers the root's weights in the model's own forward: keep it
         return None
     try:
         decoder, head = base.get_decoder(), base.get_output_embeddings()

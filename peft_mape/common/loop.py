@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import forward_with_losses, per_example_kl, per_example_losses, to_device
-from .distributed import rejoin_rows, split_rows, sum_across, world_size
+from .distributed import is_sharded, rejoin_rows, split_rows, stand_in_rows, sum_across, world_size
 from .modes import eval_mode
 from .stopping import HoldoutTarget, StepControl, check_target, mean_loss, restore, snapshot, target_summary
 
@@ -278,20 +278,34 @@ def batch_losses(model, method: LoopMethod, forget: Optional[dict], retain: Opti
 
 
 def _step_losses(model, method: LoopMethod, forget_batch: dict, retain_batch: Optional[dict], *, loss_fn,
-                 device, reference) -> StepLosses:
+                 device, reference, lockstep: bool = False) -> tuple[StepLosses, Optional[torch.Tensor]]:
     """The per-example quantities of one step over its global batches. With several processes
     each rank computes its rows (:func:`~.distributed.split_rows`) and gets every row back, its own
-    still differentiable, so the method's objective is the one-process objective on every rank."""
-    empty = torch.zeros(0, device=device)
+    still differentiable, so the method's objective is the one-process objective on every rank.
 
-    def rows(batch):
+    ``lockstep`` (FSDP2): a rank without rows of a batch runs it on a stand-in row all the same;
+    the second value is then a zero that keeps those passes in the backward graph (else None)."""
+    empty = torch.zeros(0, device=device)
+    stand_ins = set()
+
+    def rows(side, batch):
         if batch is None:
             return None, 0
         local, size = split_rows(batch)
+        if local is None and lockstep:
+            local = stand_in_rows(batch)
+            stand_ins.add(side)
         return (to_device(local, device) if local is not None else None), size
 
-    (forget, forget_size), (retain, retain_size) = rows(forget_batch), rows(retain_batch)
+    (forget, forget_size), (retain, retain_size) = rows("forget", forget_batch), rows("retain", retain_batch)
     local = batch_losses(model, method, forget, retain, loss_fn=loss_fn, reference=reference)
+    anchors = []
+    if "forget" in stand_ins:
+        anchors.append(local.forget)
+        local.forget = local.forget_reference = None
+    if "retain" in stand_ins:
+        anchors.append(local.retain)
+        local.retain = local.retain_kl = None
     losses = StepLosses(forget=rejoin_rows(local.forget, forget_size, like=empty))
     if method.needs_reference:
         losses.forget_reference = rejoin_rows(local.forget_reference, forget_size, like=empty)
@@ -299,7 +313,7 @@ def _step_losses(model, method: LoopMethod, forget_batch: dict, retain_batch: Op
         losses.retain = rejoin_rows(local.retain, retain_size, like=empty)
         if method.kl_weight > 0:
             losses.retain_kl = rejoin_rows(local.retain_kl, retain_size, like=empty)
-    return losses
+    return losses, (sum(0 * a.sum() for a in anchors) if anchors else None)
 
 
 def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, data: LoopData, *, lr: float,
@@ -321,6 +335,7 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
     if (method.needs_reference or needs_retain_kl) and reference is None:
         raise ValueError(f"method '{method.name}' needs a reference model context")
     params = list(params)
+    sharded = is_sharded(model)
     optimizer = torch.optim.Adam(params, lr=lr)
     forget_batches = itertools.cycle(data.forget)
     retain_batches = itertools.cycle(data.retain) if method.needs_retain else None
@@ -356,17 +371,20 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
     bar = tqdm(total=max_steps, desc=f"update ({method.name})", disable=not data.progress, leave=False)
     with eval_mode(model):
         for step in range(1, max_steps + 1):
-            losses = _step_losses(model, method, next(forget_batches),
-                                  next(retain_batches) if retain_batches is not None else None,
-                                  loss_fn=loss_fn, device=device, reference=reference)
+            losses, stand_in = _step_losses(model, method, next(forget_batches),
+                                            next(retain_batches) if retain_batches is not None else None,
+                                            loss_fn=loss_fn, device=device, reference=reference, lockstep=sharded)
             losses.forget_cap = cap
             objective = method.objective(losses)
             if not torch.isfinite(objective):
                 raise FloatingPointError(f"non-finite {method.name} objective at step {step}")
             optimizer.zero_grad(set_to_none=True)
-            if objective.requires_grad:  # a rank may hold no rows of this step's batch
-                objective.backward()
-            if world_size() > 1:  # each rank's backward gave its rows' part of the global gradient
+            differentiated = objective if stand_in is None else objective + stand_in
+            if sharded:  # FSDP2's reduce-scatter averages; each rank's backward holds a part of the sum
+                differentiated = differentiated * world_size()
+            if differentiated.requires_grad:  # a rank may hold no rows of this step's batch
+                differentiated.backward()
+            if world_size() > 1 and not sharded:  # each rank's backward gave its rows' part of the global gradient
                 for param in params:
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)

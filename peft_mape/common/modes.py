@@ -10,13 +10,22 @@ import torch
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
-    """Dropout off while statistics, updates and measurements run; the previous mode is restored."""
-    was_training = model.training
+    """Dropout off while statistics, updates and measurements run; the previous mode is restored.
+
+    Layers with gradient checkpointing switched on (``model.gradient_checkpointing_enable()``)
+    keep their own training flag, which is what transformers checks before checkpointing, while
+    everything inside them (dropout, attention dropout) is in eval mode: the update recomputes
+    activations instead of keeping them, and still sees a deterministic function."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True and isinstance(module, torch.nn.Module):
+            module.training = True  # this flag only, not the submodules'
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .data import per_example_losses, to_device
-from .distributed import RowShard
+from .distributed import RowShard, is_sharded
 from .membership import loss_mia_auc
 from .modes import eval_mode
 
@@ -70,7 +70,7 @@ class HoldoutTarget:
 def example_losses(model, loader, loss_fn=None, *, device) -> torch.Tensor:
     """Per-example losses over a loader (in its order), without gradients, dropout off; with
     several processes each runs its share of the batches and every rank gets all the losses."""
-    values, shard = [], RowShard(loader)
+    values, shard = [], RowShard(loader, lockstep=is_sharded(model))
     with torch.no_grad(), eval_mode(model):
         for batch in shard:
             values.append(per_example_losses(model, to_device(batch, device), loss_fn).float().cpu())

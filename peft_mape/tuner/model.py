@@ -271,6 +271,12 @@ class MAPEModel(BaseTuner):
         return unlearn(self, forget, retain, method, holdout=holdout, forget_loss_target=forget_loss_target,
                        selection=selection, adapter_name=adapter_name, **options)
 
+    def select_units(self, forget, retain=None, **options):
+        """The units ``unlearn()`` would update, without changing anything; see :func:`peft_mape.unlearning.unlearn.select_units`."""
+        from ..unlearning.unlearn import select_units
+
+        return select_units(self, forget, retain, **options)
+
     def unlearn_request(self, forget, retain=None, **kwargs):
         """One of successive requests, into its own new adapter; see :func:`peft_mape.unlearning.successive.unlearn_request`."""
         from ..unlearning.successive import unlearn_request

@@ -8,9 +8,9 @@ from .phases import (
     mask_search, mask_statistics, measure, request_scope, update,
 )
 from .preparation import PhaseTimer, RunOptions, UnlearningData, holdout_target, prepare
-from .unlearn import unlearn, unlearn_prepared
+from .unlearn import select_units, unlearn, unlearn_prepared
 
-__all__ = ["methods", "METHODS", "DEFAULT_METHOD", "unlearn", "unlearn_prepared", "prepare", "holdout_target",
+__all__ = ["methods", "METHODS", "DEFAULT_METHOD", "unlearn", "unlearn_prepared", "select_units", "prepare", "holdout_target",
            "RunOptions", "UnlearningData", "PhaseTimer", "mask_statistics", "mask_search", "fixed_selection",
            "apply_selection", "update", "measure", "build_report", "request_scope", "adapter_to_fill",
            "MaskStatistics", "Measurements", "UpdateOutcome"]

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..common.distributed import whole
 from ..common.loop import optimise
 from ..tuner.architectures import selected_units, unit_param_counts
 from .methods.base import ClosedFormContext, ClosedFormMethod, LoopMethod, UnlearningMethod
@@ -48,9 +49,14 @@ class UpdateOutcome:
     diagnostics: dict = field(default_factory=dict)
 
 
-def adapter_to_fill(tuner, adapter_name: Optional[str]) -> str:
+def allocated_selection(selection) -> bool:
+    """Whether ``unlearn(selection=...)`` asks to update the deltas the adapter already holds."""
+    return isinstance(selection, str) and selection == "allocated"
+
+
+def adapter_to_fill(tuner, adapter_name: Optional[str], *, allocated: bool = False) -> str:
     """The adapter a request writes into: ``adapter_name`` or the single active adapter; it must be
-    empty and no adapter may be merged."""
+    empty (``allocated``: hold a selection whose deltas are all zero) and no adapter may be merged."""
     if adapter_name is not None:
         if adapter_name not in tuner.peft_config:
             raise ValueError(f"unknown adapter '{adapter_name}'; known: {sorted(tuner.peft_config)}")
@@ -60,7 +66,16 @@ def adapter_to_fill(tuner, adapter_name: Optional[str]) -> str:
         if len(active) != 1:
             raise ValueError(f"several adapters are active ({active}); pass adapter_name=...")
         name = active[0]
-    if tuner.peft_config[name].selection:
+    if allocated:
+        params = tuner.adapter_parameters(name)
+        if not tuner.peft_config[name].selection or not params:
+            raise ValueError(f"selection='allocated': adapter '{name}' holds no selection; create it with "
+                             "MAPEConfig(selection=...) (e.g. from select_units())")
+        with torch.no_grad():
+            if any(float(whole(p).abs().max()) != 0 for p in params):
+                raise ValueError(f"selection='allocated': adapter '{name}' holds non-zero deltas (a finished "
+                                 "request); allocate a fresh adapter with MAPEConfig(selection=...)")
+    elif tuner.peft_config[name].selection:
         raise ValueError(
             f"adapter '{name}' already holds an unlearning request; add a new adapter for the next one: "
             f"model.add_adapter('request-2', MAPEConfig(...)); model.set_adapter('request-2')"
@@ -71,7 +86,8 @@ def adapter_to_fill(tuner, adapter_name: Optional[str]) -> str:
 
 
 @contextlib.contextmanager
-def request_scope(tuner, adapter_name: str, overrides: dict, fold_other_adapters: bool = True):
+def request_scope(tuner, adapter_name: str, overrides: dict, fold_other_adapters: bool = True, *,
+                  allocated: bool = False):
     """Apply per-call config overrides (validated like the config fields) and fold the other
     active adapters while the request runs; on any exception drop the adapter's deltas and
     restore the config, so the model is as it was (base weights and other adapters are never
@@ -88,7 +104,12 @@ def request_scope(tuner, adapter_name: str, overrides: dict, fold_other_adapters
         with tuner.folded(others):
             yield config
     except BaseException:
-        tuner.apply_selection(adapter_name, None)
+        if allocated:  # zeroed in place: the shapes (and any sharding of them) stay as they were
+            with torch.no_grad():
+                for param in tuner.adapter_parameters(adapter_name):
+                    param.zero_()
+        else:
+            tuner.apply_selection(adapter_name, None)
         for key, value in previous.items():
             setattr(config, key, value)
         raise
@@ -232,7 +253,7 @@ def build_report(tuner, adapter_name: str, method: UnlearningMethod, data: Unlea
     chosen = result.selection() if result is not None else {}
     counts = result.counts() if result is not None else {"heads": 0, "filters": 0}
     with torch.no_grad():
-        update_norm = math.sqrt(sum(float(p.double().pow(2).sum()) for p in params))
+        update_norm = math.sqrt(sum(float(whole(p).double().pow(2).sum()) for p in params))
     hyperparameters = {"seed": data.options.seed, "batch_size": data.batch_size, "objective": config.objective,
                        **method.options()}
     if outcome.lr is not None:

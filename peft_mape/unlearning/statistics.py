@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.data import per_example_losses, to_device
-from ..common.distributed import RowShard, sum_across, sum_count
+from ..common.distributed import RowShard, is_sharded, sum_across, sum_count
 from ..common.modes import eval_mode
 from .hessian import gradient_sum
 
@@ -60,7 +60,7 @@ def mask_gradients(tuner, loader, loss_fn=None, *, device, desc="mask gradients"
     """Per-example mask gradients of every head and filter over ``loader``."""
     gated = _gated_layers(tuner)
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per batch: heads, filters, losses
-    shard = RowShard(loader)
+    shard = RowShard(loader, lockstep=is_sharded(tuner.model))
     try:
         with eval_mode(tuner.model):
             for batch in tqdm(shard, desc=desc, disable=not progress, leave=False):

@@ -8,12 +8,13 @@ from typing import Optional
 import torch
 
 from ..common.data import fingerprint
+from ..common.distributed import is_sharded
 from ..common.stopping import check_target, target_mean, target_summary
 from .report import UnlearnReport
 from .statistics import RetainStatistics
 from .methods import DEFAULT_METHOD, UnlearningMethod, resolve_method
 from .phases import (
-    Measurements, UpdateOutcome, adapter_to_fill, apply_selection, build_report, fixed_selection, mask_search,
+    Measurements, UpdateOutcome, adapter_to_fill, allocated_selection, apply_selection, build_report, fixed_selection, mask_search,
     mask_statistics, measure, request_scope, update,
 )
 from .preparation import RUN_OPTION_NAMES, RunOptions, UnlearningData, holdout_target, prepare
@@ -56,8 +57,11 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
             once a loss-based membership attack no longer tells the forget set from it.
         forget_loss_target: an explicit stopping target instead of ``holdout``.
         selection: skip the mask search and update these units: ``"all"`` (every head and filter:
-            the full-parameter baseline), ``"random"`` (random units at the same budget) or
-            ``{"heads": {layer: [...]}, "filters": {...}}``.
+            the full-parameter baseline), ``"random"`` (random units at the same budget),
+            ``{"heads": {layer: [...]}, "filters": {...}}``, or ``"allocated"``: update the zero
+            deltas the adapter already holds (made with ``MAPEConfig(selection=...)``, e.g. from
+            :func:`select_units`), never re-allocating them: the second stage of an FSDP2 run,
+            whose parameter shapes are fixed once the model is sharded.
         adapter_name: the (empty) adapter to fill; default the single active adapter.
         **options: the method's options (e.g. ``lr``, ``max_steps``, ``kl_weight``, ``beta``,
             ``damping``: see ``peft_mape.methods``) and the run's (:class:`RunOptions`: ``seed``,
@@ -69,12 +73,34 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
     other adapters are never written.
     """
     run, chosen = resolve_run(method, options)
-    name = adapter_to_fill(tuner, adapter_name)
+    allocated = isinstance(selection, str) and selection == "allocated"
+    name = adapter_to_fill(tuner, adapter_name, allocated=allocated)
     overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
-    with request_scope(tuner, name, overrides, run.fold_other_adapters):
+    with request_scope(tuner, name, overrides, run.fold_other_adapters, allocated=allocated):
         data, target = prepare_request(tuner, name, forget, retain, run, chosen, holdout=holdout,
                                        target=forget_loss_target)
         return unlearn_prepared(tuner, name, chosen, data, target=target, selection=selection)
+
+
+def select_units(tuner, forget, retain=None, *, adapter_name: Optional[str] = None, **options) -> dict:
+    """The statistics and search phases alone: the units ``unlearn()`` would update, as a
+    selection dict for ``MAPEConfig(selection=...)``. Nothing is allocated or changed. The first
+    stage of a sharded (FSDP2) run: build the model to update with this selection, shard it, then
+    ``unlearn(..., selection="allocated")``. ``options`` are the run options of ``unlearn()``
+    (``seed``, ``batch_size``, ``loss_fn``, ``progress``, ``sparsity``, ``units``, ``objective``)."""
+    run = RunOptions(**options)
+    name = adapter_to_fill(tuner, adapter_name)
+    overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
+    config = tuner.peft_config[name]
+    previous = {key: getattr(config, key) for key in overrides}
+    try:
+        with request_scope(tuner, name, overrides, run.fold_other_adapters):
+            torch.manual_seed(run.seed)
+            data = prepare(tuner.model, forget, retain, options=run, max_retain_examples=config.max_retain_examples)
+            return mask_search(tuner, name, data, mask_statistics(tuner, data, config.objective)).selection()
+    finally:
+        for key, value in previous.items():
+            setattr(config, key, value)
 
 
 def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, target: Optional[float] = None,
@@ -92,6 +118,9 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
     if method.needs_retain and not data.retain_examples:
         hint = " (or pass retain_weight=0 for NPO without a retain term)" if method.name == "npo" else ""
         raise ValueError(f"method '{method.name}' needs a non-empty retain set{hint}")
+    if method.closed_form and is_sharded(tuner.model):
+        raise ValueError(f"method '{method.name}' is a closed-form step over Hessian-vector products, which do not "
+                         "run on an FSDP2-sharded model; use a loop method (graddiff, ga, npo), or DDP / one process")
     config = tuner.peft_config[adapter_name]
     forget_before, first_check, holdout_mismatched = forget_loss_before, None, False
     if target is not None:
@@ -121,6 +150,8 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
         result = mask_search(tuner, adapter_name, data, statistics)
         forget_before = statistics.forget_loss if forget_before is None else forget_before
         retain_before = statistics.retain_loss
+    elif allocated_selection(selection):
+        result = fixed_selection(tuner, adapter_name, config.selection)
     else:
         result = fixed_selection(tuner, adapter_name, selection, seed=data.options.seed)
     with data.timer.phase("evaluation"):
@@ -128,7 +159,8 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
             forget_before = data.mean_loss(data.forget_eval_loader)
         if retain_before is None and data.report_loader is not None:
             retain_before = data.mean_loss(data.report_loader)
-    apply_selection(tuner, adapter_name, result, data)
+    if not allocated_selection(selection):
+        apply_selection(tuner, adapter_name, result, data)
     outcome = update(tuner, adapter_name, method, data, target=target, full_parameter=selection == "all",
                      initial_check=first_check, warn_without_target=not holdout_mismatched)
     forget_after, retain_after = measure(data)

@@ -1,0 +1,106 @@
+"""The FSDP2 path, under ``torchrun --nproc_per_node 2`` (gloo, CPU), or alone for the reference.
+
+Stage 1 finds the units on a sharded model (``select_units``); stage 2 builds a fresh model
+whose adapter is allocated from that selection, shards it (``fully_shard``: static delta shapes)
+and runs ``unlearn(selection="allocated")``; the gathered adapter is saved by the main process.
+Alone (one process, no sharding) it runs the same two stages for the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mape_devkit.tiny import model_from_config, tiny_config  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+
+import peft_mape  # noqa: E402
+from peft_mape.common.data import make_loader  # noqa: E402
+
+VOCAB = 40
+
+
+def examples(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        size = 6 - i % 3
+        ids = torch.randint(2, VOCAB, (size,), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones(size, dtype=torch.long), "labels": ids.clone()})
+    return out
+
+
+def memorised_llama():
+    torch.manual_seed(0)
+    model = model_from_config(tiny_config("llama", vocab_size=VOCAB), causal=True)
+    forget, retain = examples(9, seed=1), examples(31, seed=2)  # odd sizes: some batches leave a rank empty
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(10):
+        for batch in make_loader(forget + retain, 10, shuffle=True):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.eval(), forget, retain
+
+
+def shard(model) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    inner = model.get_base_model()  # the library runs the transformers model's forward: shard it as the root
+    for layer in inner.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(inner, mesh=mesh)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    base, forget, retain = memorised_llama()
+    options = dict(batch_size=4, progress=False)
+
+    searched = get_peft_model(copy.deepcopy(base), peft_mape.MAPEConfig(sparsity=0.8))
+    if world > 1:
+        shard(searched)
+    selection = searched.select_units(forget, retain, **options)
+
+    model = get_peft_model(copy.deepcopy(base), peft_mape.MAPEConfig(sparsity=0.8, selection=selection))
+    if world > 1:
+        shard(model)
+    report = model.unlearn(forget, retain, selection="allocated", max_steps=12, **options)
+    refused = ""
+    if world > 1:  # closed-form steps need Hessian-vector products, which FSDP2 does not run
+        other = get_peft_model(copy.deepcopy(base), peft_mape.MAPEConfig(sparsity=0.8, selection=selection))
+        shard(other)
+        try:
+            other.unlearn(forget, retain, method="influence", selection="allocated", **options)
+        except ValueError as error:
+            refused = str(error)
+    state = peft_mape.gathered_state_dict(model)
+    if peft_mape.is_main_process():
+        model.save_pretrained(Path(args.out) / f"fsdp-adapter-{world}", state_dict=state)
+        torch.save({"selection": selection, "state": state, "steps": report.steps,
+                    "forget_loss_after": report.forget_loss_after, "update_norm": report.update_norm,
+                    "refused": refused, "dtensor": any(type(p).__name__ == "DTensor" for p in model.parameters())},
+                   Path(args.out) / f"fsdp-{world}.pt")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
