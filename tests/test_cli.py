@@ -328,3 +328,20 @@ def test_text_tables_and_label_handling(workdir, tmp_path, monkeypatch):
     (tmp_path / "empty.csv").write_text("text,label\n")
     with pytest.raises(ValueError, match="has no rows|cannot read it"):
         textdata.load_table(tmp_path / "empty.csv")
+
+
+def test_only_the_main_process_writes(workdir, lora_dir, monkeypatch):
+    """Under torchrun every rank runs the command and holds the same result: rank 0 writes it."""
+    import peft_mape.cli.app as app
+    import peft_mape.cli.edit as edit
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(app, "is_main_process", lambda: False)
+    monkeypatch.setattr(edit, "is_main_process", lambda: False)
+    assert main(["unlearn", "--model", "model", "--forget", "forget.csv", "--out", "rank1", "--method", "ga",
+                 "--max-steps", "1", "--quiet"]) == 0
+    assert main(["evaluate", "--model", "model", "--forget", "forget.csv", "--test", "test.csv", "--out", "rank1.json",
+                 "--quiet"]) == 0
+    assert main(["edit", "--model", "model", "--adapter", "lora", "--train", "retain.csv", "--correct", "old.csv",
+                 "new.csv", "--out", "rank1-edit", "--quiet"]) == 0
+    assert not any((workdir / name).exists() for name in ("rank1", "rank1.json", "rank1-edit"))

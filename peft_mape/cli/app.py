@@ -22,6 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..common.distributed import is_main_process
 from .edit import add_edit_command
 from .shared import (
     PROG, CLIError, Parser, compute_metrics, data_options, load_inputs, one_line, pad_id, print_metrics,
@@ -151,6 +152,8 @@ def cmd_unlearn(args) -> int:
         )
     after = compute_metrics(task, peft_model, data, batch_size=args.batch_size, pad=pad, progress=progress) \
         if args.test else None
+    if not is_main_process():  # under torchrun every rank holds the same adapter: one writes it
+        return 0
     peft_model.save_pretrained(str(out))
     audit = build_audit_report(report, data["forget"][0], model=peft_model, model_id=str(args.model),
                                architecture=architecture_sizes(peft_model), metrics_before=before,
@@ -187,6 +190,8 @@ def cmd_evaluate(args) -> int:
               "num_examples": {name: len(ds) for name, (ds, _) in data.items()}, "metrics": metrics}
     if task == "causal-lm":
         result["min_k"] = args.min_k
+    if not is_main_process():
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{task} metrics of {args.model}" + (f" + {args.adapter}" if args.adapter else "") + ":")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from ..common.distributed import is_main_process
 from .shared import CLIError, check_files, load_inputs
 
 CURVATURE_CHOICES = ("gauss-newton", "hessian")
@@ -95,6 +96,8 @@ def cmd_edit(args) -> int:
                        solver=args.solver, solver_steps=args.solver_steps, hessian_examples=args.hessian_examples,
                        num_train_examples=args.num_train_examples, batch_size=args.batch_size, seed=args.seed,
                        progress=not args.quiet)
+    if not is_main_process():  # under torchrun every rank holds the same adapter: one writes it
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(out))
     audit = build_edit_audit_report(report, model_id=str(args.model), adapter_id=str(args.adapter),
