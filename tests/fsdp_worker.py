@@ -18,37 +18,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mape_devkit.tiny import model_from_config, tiny_config  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import peft_mape  # noqa: E402
-from peft_mape.common.data import make_loader  # noqa: E402
-
-VOCAB = 40
-
-
-def examples(n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        size = 6 - i % 3
-        ids = torch.randint(2, VOCAB, (size,), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones(size, dtype=torch.long), "labels": ids.clone()})
-    return out
+from multiprocess_worker import examples, memorised  # noqa: E402
 
 
 def memorised_llama():
-    torch.manual_seed(0)
-    model = model_from_config(tiny_config("llama", vocab_size=VOCAB), causal=True)
-    forget, retain = examples(9, seed=1), examples(31, seed=2)  # odd sizes: some batches leave a rank empty
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(10):
-        for batch in make_loader(forget + retain, 10, shuffle=True):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    return model.eval(), forget, retain
+    # odd sizes: some batches leave a rank without rows
+    return memorised("llama", examples(9, seed=1, causal=True), examples(31, seed=2, causal=True), epochs=10, lr=1e-2)
 
 
 def shard(model) -> None:

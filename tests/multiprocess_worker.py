@@ -29,29 +29,34 @@ from peft_mape.llmeraser import ResponseCorrection, erase  # noqa: E402
 VOCAB = 40
 
 
-def examples(n: int, seed: int) -> list[dict]:
+def examples(n: int, seed: int, *, causal: bool = False) -> list[dict]:
+    """Token sequences of 4-6 tokens with class labels, or (``causal``) themselves as labels."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         size = 6 - i % 3
         ids = torch.randint(2, VOCAB, (size,), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones(size, dtype=torch.long),
-                    "labels": torch.randint(0, 3, (), generator=g)})
+                    "labels": ids.clone() if causal else torch.randint(0, 3, (), generator=g)})
     return out
 
 
-def memorised_bert():
+def memorised(kind: str, forget: list[dict], retain: list[dict], *, epochs: int, lr: float):
+    """A tiny ``kind`` model (seed 0) trained on forget + retain until it fits them."""
     torch.manual_seed(0)
-    model = model_from_config(tiny_config("bert", vocab_size=VOCAB), causal=False)
-    forget, retain = examples(10, seed=1), examples(40, seed=2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model = model_from_config(tiny_config(kind, vocab_size=VOCAB), causal=kind == "llama")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(40):
+    for _ in range(epochs):
         for batch in make_loader(forget + retain, 10, shuffle=True):
             model(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
     return model.eval(), forget, retain
+
+
+def memorised_bert():
+    return memorised("bert", examples(10, seed=1), examples(40, seed=2), epochs=40, lr=3e-3)
 
 
 class RowCounter:
