@@ -68,3 +68,19 @@ def test_a_bf16_model_keeps_fp32_deltas_and_statistics():
     assert deltas and all(p.dtype == torch.float32 for p in deltas)
     assert all(isinstance(v, float) for row in report.scores["heads"] for v in row)
     assert report.forget_loss_after > report.forget_loss_before
+
+
+def test_layers_that_apply_dropout_themselves_stay_in_eval_mode():
+    """OPT's decoder layers call dropout with their own training flag: turning it on to
+    checkpoint them would make every loss random, so they are not checkpointed."""
+    import transformers as T
+
+    config = T.OPTConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, ffn_dim=24, num_attention_heads=4,
+                         max_position_embeddings=64, dropout=0.5, word_embed_proj_dim=16)
+    torch.manual_seed(0)
+    model = T.OPTForCausalLM(config)
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = pad_collate(tiny_examples("llama", 4))
+    with eval_mode(model), torch.no_grad():
+        assert torch.equal(model(**batch).logits, model(**batch).logits)

@@ -101,3 +101,25 @@ def test_bad_calls_fail_before_any_work_and_leave_the_model_as_it_was(memorised,
         UnlearningTrainer(model, _arguments(tmp_path), forget=forget, retain=retain, progress=False)
     assert not model.peft_config["default"].selection and not _deltas(model)
     assert peft_mape.UnlearningTrainer is UnlearningTrainer
+
+
+def test_gradient_checkpointing_and_default_arguments(tmp_path, one_thread, monkeypatch):
+    """The backward's recomputation runs with dropout off like the forward; with args=None the
+    Trainer's own arguments still keep the paired batches."""
+    base, forget, retain = memorised_model("gpt2", epochs=10, lr=1e-2)  # GPT-2 has dropout to recompute
+    base.config.resid_pdrop = base.config.attn_pdrop = base.config.embd_pdrop = 0.5
+    for module in base.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    base.gradient_checkpointing_enable()
+    model = get_peft_model(base, MAPEConfig(sparsity=0.9))
+    trainer = UnlearningTrainer(model, _arguments(tmp_path, max_steps=3, gradient_checkpointing=True), forget=forget,
+                                retain=retain, progress=False)
+    trainer.train()
+    assert trainer.state.global_step == 3 and "train" not in vars(model)
+    monkeypatch.chdir(tmp_path)
+    other = get_peft_model(memorised_model("gpt2", epochs=1, lr=1e-2)[0], MAPEConfig(sparsity=0.9))
+    trainer = UnlearningTrainer(other, forget=forget, retain=retain, progress=False)
+    assert trainer.args.remove_unused_columns is False
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch) == {"forget", "retain"}

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..common.data import per_example_losses, to_device
-from ..common.distributed import RowShard, sum_across
+from ..common.distributed import RowShard, refuse_sharded, sum_across
 from ..common.loop import optimise
 from ..common.stopping import target_mean
 from ..common.modes import eval_mode, gradients_only_for
@@ -48,6 +48,7 @@ def weight_saliency_mask(model, forget_loader, num_weights: int, *, candidates: 
     jointly across the network (module-oblivious). One backward pass per forget batch, dropout
     off; the model's weights, gradients and requires_grad flags are left as they were.
     """
+    refuse_sharded(model, "the SalUn saliency mask")
     device = model_device(model, device)
     pool = saliency_candidates(model, candidates)
     total = sum(p.numel() for p in pool.values())

@@ -131,11 +131,18 @@ def sum_across(tensors: Sequence[torch.Tensor]) -> None:
             start += tensor.numel()
 
 
+def collective_device() -> torch.device:
+    """Where a tensor made only for a collective must live: NCCL reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_count(count: int) -> int:
     """An integer summed over the ranks."""
     if world_size() == 1:
         return count
-    total = torch.tensor([count], dtype=torch.long)
+    total = torch.tensor([count], dtype=torch.long, device=collective_device())
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return int(total)
 
@@ -147,7 +154,7 @@ def split_rows(batch: dict) -> tuple[Optional[dict], int]:
     world = world_size()
     if world == 1:
         return batch, size
-    rows = torch.arange(rank(), size, world)
+    rows = torch.arange(rank(), max(size, rank()), world)  # empty when this rank is past the batch
     if not len(rows):
         return None, size
     return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v
@@ -175,7 +182,7 @@ def rejoin_rows(local: Optional[torch.Tensor], size: int, *, like: Optional[torc
     dist.all_gather_object(every, mine)
     parts = [local if r == rank() and local is not None else every[r].to(reference.device, reference.dtype)
              for r in range(world)]
-    order = torch.cat([torch.arange(r, size, world) for r in range(world)])
+    order = torch.cat([torch.arange(r, max(size, r), world) for r in range(world)])
     joined = torch.cat(parts)
     return joined[torch.argsort(order).to(joined.device)]
 
@@ -193,9 +200,17 @@ def gathered_state_dict(model: torch.nn.Module) -> dict:
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model``'s parameters are sharded by FSDP2 (``DTensor``): then every rank must run
     every forward and backward, even with no rows of its own (see :func:`split_rows`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -203,3 +218,27 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def check_same_data(what: str, fingerprints: Sequence[str]) -> None:
+    """Every rank must pass the same data (the library shares it out itself): a clear error on
+    every rank, instead of a hang, when a rank holds other examples (e.g. a user DataLoader with
+    a ``DistributedSampler``)."""
+    if world_size() == 1:
+        return
+    import hashlib
+
+    digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
+    every: list = [None] * world_size()
+    dist.all_gather_object(every, digest)
+    if len(set(every)) > 1:
+        differing = [r for r, d in enumerate(every) if d != every[0]]
+        raise ValueError(f"{what}: ranks {differing} hold other examples than rank 0; with several processes pass "
+                         "every rank the same, whole data (no DistributedSampler): the library shares it out")
+
+
+def refuse_sharded(model: torch.nn.Module, what: str) -> None:
+    """A clear error, on every rank alike, for a pass that cannot run on an FSDP2-sharded model."""
+    if is_sharded(model):
+        raise ValueError(f"{what} does not run on an FSDP2-sharded model (its passes are not kept in lockstep, "
+                         "and Hessian-vector products have no FSDP2 support); use DDP or one process")

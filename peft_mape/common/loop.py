@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import forward_with_losses, per_example_kl, per_example_losses, to_device
-from .distributed import is_sharded, rejoin_rows, split_rows, stand_in_rows, sum_across, world_size
+from .distributed import is_dtensor, is_sharded, rejoin_rows, split_rows, stand_in_rows, sum_across, world_size
 from .modes import eval_mode
 from .stopping import HoldoutTarget, StepControl, check_target, mean_loss, restore, snapshot, target_summary
 
@@ -382,13 +382,14 @@ def optimise(model, params: Sequence[torch.nn.Parameter], method: LoopMethod, da
             differentiated = objective if stand_in is None else objective + stand_in
             if sharded:  # FSDP2's reduce-scatter averages; each rank's backward holds a part of the sum
                 differentiated = differentiated * world_size()
-            if differentiated.requires_grad:  # a rank may hold no rows of this step's batch
+            if differentiated.requires_grad or world_size() == 1:  # a rank may hold no rows of this batch
                 differentiated.backward()
-            if world_size() > 1 and not sharded:  # each rank's backward gave its rows' part of the global gradient
+            if world_size() > 1:  # each rank's backward gave its rows' part of the global gradient
                 for param in params:
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)
-                sum_across([param.grad for param in params])
+                # FSDP2's reduce-scatter has reduced the sharded ones; the others are summed here
+                sum_across([param.grad for param in params if not (sharded and is_dtensor(param))])
             torch.nn.utils.clip_grad_norm_(params, method.max_grad_norm)
             optimizer.step()
             result.steps = step

@@ -139,8 +139,19 @@ class UnlearningTrainer(Trainer):
         except BaseException:
             tuner.apply_selection(name, None)  # the model as it was
             raise
+        self.args.remove_unused_columns = False  # also when the Trainer made the arguments itself
         # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        # Dropout off for the forward *and* the backward, where gradient checkpointing recomputes
+        # the forward: the Trainer's own model.train() at the start of the step is held back.
+        model.train = lambda mode=True: model  # an instance attribute, shadowing the method for the step
+        try:
+            with eval_mode(model):
+                return super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            del model.train
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         with eval_mode(model):

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..common.data import default_per_example_loss, per_example_losses, to_device
-from ..common.distributed import RowShard, sum_across, sum_count
+from ..common.distributed import RowShard, refuse_sharded, sum_across, sum_count
 from ..common.modes import eval_mode
 
 SOLVERS = ("cg", "adam")
@@ -62,6 +62,7 @@ def accumulator_dtype(param: torch.Tensor) -> torch.dtype:
 def gradient_sum(model, params: Sequence[torch.Tensor], loader, loss_fn=None, *, device, desc="gradient",
                  progress=True) -> Vector:
     """Sum over the examples of ``loader`` of d loss / d param (dropout off), in fp32 or wider."""
+    refuse_sharded(model, "a gradient sum")
     totals = [torch.zeros_like(p, dtype=accumulator_dtype(p)) for p in params]
     with eval_mode(model):
         for batch in tqdm(RowShard(loader), desc=desc, disable=not progress, leave=False):
@@ -175,6 +176,7 @@ def solve_damped_system(model, params: Sequence[torch.Tensor], rhs: Vector, hess
     if settings.curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {settings.curvature!r}; choose one of {list(CURVATURES)}")
     curvature_product = CURVATURES[settings.curvature]
+    refuse_sharded(model, "the damped curvature solve")
     params = list(params)
     rhs = [r.detach().to(accumulator_dtype(p)) for r, p in zip(rhs, params)]
     batches = list(hessian_loader)

@@ -17,7 +17,7 @@ from ..common.data import (
     MIN_EVAL_BATCH_SIZE, drop_overlap, fingerprint, forward_arguments, make_eval_loader, make_loader, materialise,
     pad_token_id, validate_examples,
 )
-from ..common.distributed import is_main_process, join_launch
+from ..common.distributed import check_same_data, is_main_process, join_launch
 from ..common.loop import LoopData
 from ..common.stopping import HoldoutTarget, example_losses, mean_loss
 
@@ -189,6 +189,8 @@ def prepare(model, forget, retain=None, *, options: Optional[RunOptions] = None,
             for w in caught:
                 report_warnings.append(str(w.message))
                 warnings.warn(w.message, UserWarning, stacklevel=3)
+        check_same_data("forget", [fingerprint(e) for e in forget_examples])
+        check_same_data("retain", [fingerprint(e) for e in retain_examples])
         device = next(model.parameters()).device
         data = UnlearningData(model=model, forget_examples=forget_examples, retain_examples=retain_examples,
                               options=options, device=device, pad_token_id=pad_token_id(model),

@@ -77,8 +77,8 @@ def mask_gradients(tuner, loader, loss_fn=None, *, device, desc="mask gradients"
                 grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
                 grads = [torch.zeros_like(g) if d is None else d for g, d in zip(flat, grads)]
                 n_layers = len(gates["heads"])
-                parts.append((torch.stack(grads[:n_layers], 1).float().cpu(),
-                              torch.stack(grads[n_layers:], 1).float().cpu(), losses.detach().double().cpu()))
+                parts.append((torch.stack(grads[:n_layers], 1).float(), torch.stack(grads[n_layers:], 1).float(),
+                              losses.detach().double()))
     finally:
         for layers in gated.values():
             for layer in layers:
