@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..common.loop import LoopMethod, batch_losses
+from ..common.loop import LoopMethod
+from ..common.step_losses import batch_losses
 from ..common.modes import eval_mode
 from ..common.stopping import HoldoutTarget, check_target, target_mean, target_summary
 from ..unlearning.phases import (
