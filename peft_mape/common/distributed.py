@@ -94,7 +94,7 @@ class RowShard:
         dist.all_gather_object(every, [_to_cpu(part) for part in parts])
         taken, joined = [0] * world, []
         for size in self.sizes:
-            owners = [r for r in range(min(world, size))]
+            owners = range(min(world, size))
             pieces = [every[r][taken[r]] for r in owners]
             for r in owners:
                 taken[r] += 1
@@ -157,16 +157,20 @@ def split_rows(batch: dict) -> tuple[Optional[dict], int]:
     rows = torch.arange(rank(), max(size, rank()), world)  # empty when this rank is past the batch
     if not len(rows):
         return None, size
-    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v
-            for k, v in batch.items()}, size
+    return _take_rows(batch, rows), size
+
+
+def _take_rows(batch: dict, rows) -> dict:
+    """``rows`` (an index tensor or a slice) of every per-example field of ``batch``."""
+    size = next(iter(batch.values())).shape[0]
+    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
 
 
 def stand_in_rows(batch: dict) -> dict:
     """The first row of ``batch``, for a rank that holds none of its rows but must still run the
     forward (and backward) that the others run: FSDP2 gathers each layer's weights in a
     collective inside the forward. Its results are dropped (its loss enters with weight 0)."""
-    size = next(iter(batch.values())).shape[0]
-    return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
+    return _take_rows(batch, slice(0, 1))
 
 
 def rejoin_rows(local: Optional[torch.Tensor], size: int, *, like: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -191,10 +195,7 @@ def gathered_state_dict(model: torch.nn.Module) -> dict:
     """``model.state_dict()`` with every sharded (FSDP2 ``DTensor``) tensor gathered whole, for
     ``save_pretrained(..., state_dict=...)`` on the main process. A collective: call it on every
     rank."""
-    from torch.distributed.tensor import DTensor
-
-    return {key: value.full_tensor() if isinstance(value, DTensor) else value
-            for key, value in model.state_dict().items()}
+    return {key: whole(value) for key, value in model.state_dict().items()}
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -202,9 +203,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
     every forward and backward, even with no rows of its own (see :func:`split_rows`)."""
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -215,20 +214,19 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, gathered whole when it is an FSDP2 shard (a collective then)."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
-def check_same_data(what: str, fingerprints: Sequence[str]) -> None:
+def check_same_data(what: str, examples: Sequence[dict]) -> None:
     """Every rank must pass the same data (the library shares it out itself): a clear error on
     every rank, instead of a hang, when a rank holds other examples (e.g. a user DataLoader with
-    a ``DistributedSampler``)."""
+    a ``DistributedSampler``). With one process there is nothing to compare, and nothing is hashed."""
     if world_size() == 1:
         return
+    from .data import fingerprint  # data imports this module (through lm_head)
     import hashlib
 
-    digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
+    digest = hashlib.sha256("".join(fingerprint(e) for e in examples).encode()).hexdigest()
     every: list = [None] * world_size()
     dist.all_gather_object(every, digest)
     if len(set(every)) > 1:
@@ -237,8 +235,8 @@ def check_same_data(what: str, fingerprints: Sequence[str]) -> None:
                          "every rank the same, whole data (no DistributedSampler): the library shares it out")
 
 
-def refuse_sharded(model: torch.nn.Module, what: str) -> None:
+def refuse_sharded(model: torch.nn.Module, what: str, instead: str = "use DDP or one process") -> None:
     """A clear error, on every rank alike, for a pass that cannot run on an FSDP2-sharded model."""
     if is_sharded(model):
         raise ValueError(f"{what} does not run on an FSDP2-sharded model (its passes are not kept in lockstep, "
-                         "and Hessian-vector products have no FSDP2 support); use DDP or one process")
+                         f"and Hessian-vector products have no FSDP2 support); {instead}")

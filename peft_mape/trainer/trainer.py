@@ -128,8 +128,6 @@ class UnlearningTrainer(Trainer):
                 retain_before = data.mean_loss(data.report_loader)
         self.losses_before = (forget_before, retain_before)
         self.stopping = TargetStopping(self, target, chosen.eval_every) if target is not None else None
-        if args is not None:
-            args.remove_unused_columns = False
         try:
             super().__init__(model=model, args=args,
                              train_dataset=PairedExamples(data.forget_examples,

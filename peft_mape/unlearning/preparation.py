@@ -189,8 +189,8 @@ def prepare(model, forget, retain=None, *, options: Optional[RunOptions] = None,
             for w in caught:
                 report_warnings.append(str(w.message))
                 warnings.warn(w.message, UserWarning, stacklevel=3)
-        check_same_data("forget", [fingerprint(e) for e in forget_examples])
-        check_same_data("retain", [fingerprint(e) for e in retain_examples])
+        check_same_data("forget", forget_examples)
+        check_same_data("retain", retain_examples)
         device = next(model.parameters()).device
         data = UnlearningData(model=model, forget_examples=forget_examples, retain_examples=retain_examples,
                               options=options, device=device, pad_token_id=pad_token_id(model),

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..common.data import fingerprint
-from ..common.distributed import is_sharded
+from ..common.distributed import refuse_sharded
 from ..common.stopping import check_target, target_mean, target_summary
 from .report import UnlearnReport
 from .statistics import RetainStatistics
@@ -73,7 +73,7 @@ def unlearn(tuner, forget, retain=None, method=None, *, holdout=None, forget_los
     other adapters are never written.
     """
     run, chosen = resolve_run(method, options)
-    allocated = isinstance(selection, str) and selection == "allocated"
+    allocated = allocated_selection(selection)
     name = adapter_to_fill(tuner, adapter_name, allocated=allocated)
     overrides = {"sparsity": run.sparsity, "units": run.units, "objective": run.objective}
     with request_scope(tuner, name, overrides, run.fold_other_adapters, allocated=allocated):
@@ -118,9 +118,9 @@ def unlearn_prepared(tuner, adapter_name: str, method, data: UnlearningData, *, 
     if method.needs_retain and not data.retain_examples:
         hint = " (or pass retain_weight=0 for NPO without a retain term)" if method.name == "npo" else ""
         raise ValueError(f"method '{method.name}' needs a non-empty retain set{hint}")
-    if method.closed_form and is_sharded(tuner.model):
-        raise ValueError(f"method '{method.name}' is a closed-form step over Hessian-vector products, which do not "
-                         "run on an FSDP2-sharded model; use a loop method (graddiff, ga, npo), or DDP / one process")
+    if method.closed_form:  # before any work, not at the solve
+        refuse_sharded(tuner.model, f"method '{method.name}' (a closed-form step)",
+                       instead="use a loop method (graddiff, ga, npo), or DDP / one process")
     config = tuner.peft_config[adapter_name]
     forget_before, first_check, holdout_mismatched = forget_loss_before, None, False
     if target is not None:
