@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft import get_peft_model  # noqa: E402
 
 import peft_mape  # noqa: E402
-from multiprocess_worker import examples, memorised  # noqa: E402
+from multiprocess_worker import examples, finish, memorised  # noqa: E402
 
 
 def memorised_llama():
@@ -75,9 +75,7 @@ def main() -> None:
                     "forget_loss_after": report.forget_loss_after, "update_norm": report.update_norm,
                     "refused": refused, "dtensor": any(type(p).__name__ == "DTensor" for p in model.parameters())},
                    Path(args.out) / f"fsdp-{world}.pt")
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

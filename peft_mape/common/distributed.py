@@ -26,6 +26,7 @@ the update's gradients are reduced by FSDP's own reduce-scatter instead of :func
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -41,6 +42,14 @@ def join_launch() -> None:
         from accelerate import PartialState
 
         PartialState()
+        # The group this call made is left at exit: a gloo group still alive at interpreter shutdown
+        # can abort the process ("terminate called without an active exception") after the work is done.
+        atexit.register(_leave)
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
