@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Iterable, Sequence
 
 import torch
 
@@ -29,3 +30,21 @@ def predictions(shard_logits: Sequence[torch.Tensor], mode: str) -> torch.Tensor
         mean_probs = aggregate(shard_logits, "mean_probs")
         scores = scores + mean_probs / (2 * len(shard_logits))
     return scores.argmax(dim=-1)
+
+
+def log_mean_exp(log_probs: Iterable[torch.Tensor]) -> torch.Tensor:
+    """log((1/m) Σ_s exp(x_s)), elementwise over m same-shaped tensors: the log of the mean of the
+    shards' probabilities, given their log-probabilities.
+
+    Accumulated with ``torch.logaddexp`` (a two-term logsumexp, so nothing underflows however
+    small a probability) and one running tensor, not m stacked ones: a causal LM's per-position
+    distributions are [batch, length, vocabulary] each. Computed in at least float32.
+    """
+    total, count = None, 0
+    for x in log_probs:
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        total = x if total is None else torch.logaddexp(total, x)
+        count += 1
+    if total is None:
+        raise ValueError("log_mean_exp needs at least one tensor")
+    return total - math.log(count)

@@ -10,9 +10,20 @@ from typing import Any, Optional
 
 from peft import LoraConfig
 
+TASKS = ("sequence_classification", "causal_lm")
 STRATEGIES = ("cyclic", "bms")
 HEAD_MODES = ("per_stage", "first_stage", "frozen")
 AGGREGATIONS = ("mean_logits", "mean_probs", "vote")
+# What ``None`` means for the task-dependent fields: a classifier trains its head and takes labels
+# from "label"; a causal LM keeps its (usually tied) output head frozen, takes per-token labels
+# from "labels" as transformers' LM collators do, and mixes the shards' next-token distributions.
+TASK_DEFAULTS = {
+    "sequence_classification": {"head": "per_stage", "head_modules": ("classifier",),
+                                "aggregation": "mean_logits", "label_column": "label"},
+    "causal_lm": {"head": "frozen", "head_modules": (), "aggregation": "mean_probs", "label_column": "labels"},
+}
+CAUSAL_LM_HEADS = ("frozen",)
+CAUSAL_LM_AGGREGATIONS = ("mean_probs",)
 # Orders beyond the first L under `bms` are ranked exhaustively over all L! permutations.
 BMS_EXHAUSTIVE_MAX_SLICES = 8
 
@@ -22,6 +33,10 @@ class S3TConfig:
     """How S3T shards, slices, orders and trains LoRA blocks.
 
     Args:
+        task: ``"sequence_classification"`` (one integer label per example, [N, C] logits) or
+            ``"causal_lm"`` (per-token labels, -100 on the prompt and padding; the loss is each
+            example's mean answer-token cross-entropy, averaged over the batch; shards serve the
+            mean of their next-token probabilities, see ``S3TModel.as_causal_lm``).
         lora: the LoRA recipe (rank, alpha, dropout, ``target_modules``). Each stage adapter uses a
             copy whose ``target_modules`` are the exact module names of one layer block.
             ``modules_to_save`` must stay unset: the classification head is handled by ``head``.
@@ -41,10 +56,16 @@ class S3TConfig:
             ``"layers"`` for Llama); ``None`` takes the first numbered path segment.
         head: how the task head is trained and snapshotted: ``"per_stage"`` trains it at every
             stage and serves stage j's snapshot with block j; ``"first_stage"`` trains it at
-            stage 1 only; ``"frozen"`` never trains it.
-        head_modules: names (or dotted suffixes) of the head modules, e.g. ``("classifier",)``.
+            stage 1 only; ``"frozen"`` never trains it. ``None``: ``"per_stage"`` for
+            classification, ``"frozen"`` (the only choice) for ``causal_lm``.
+        head_modules: names (or dotted suffixes) of the head modules, e.g. ``("classifier",)``;
+            may be empty only with ``head="frozen"``, and must be for ``causal_lm``. ``None``:
+            ``("classifier",)`` for classification, ``()`` for ``causal_lm``.
         aggregation: how shard predictions combine: ``"mean_logits"``, ``"mean_probs"`` or
-            ``"vote"`` (fraction of shards voting for each class).
+            ``"vote"`` (fraction of shards voting for each class); ``causal_lm`` allows only
+            ``"mean_probs"`` (its default).
+        label_column: the label column; ``None``: ``"label"`` for classification, ``"labels"``
+            for ``causal_lm``.
     """
 
     lora: LoraConfig
@@ -56,9 +77,9 @@ class S3TConfig:
     expected_deletions: int = 1
     layer_blocks: Optional[Any] = None
     layers_pattern: Optional[str] = None
-    head: str = "per_stage"
-    head_modules: tuple = ("classifier",)
-    aggregation: str = "mean_logits"
+    head: Optional[str] = None
+    head_modules: Optional[tuple] = None
+    aggregation: Optional[str] = None
     epochs_per_stage: int = 1
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -66,10 +87,16 @@ class S3TConfig:
     batch_size: int = 16
     eval_batch_size: int = 64
     id_column: str = "id"
-    label_column: str = "label"
+    label_column: Optional[str] = None
     seed: int = 0
+    # Last, so positional construction keeps its meaning; saved configs without it are classifiers.
+    task: str = "sequence_classification"
 
     def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        for name, default in TASK_DEFAULTS[self.task].items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         if not isinstance(self.lora, LoraConfig):
             raise ValueError(f"lora must be a peft.LoraConfig, got {type(self.lora).__name__}")
         if self.lora.modules_to_save:
@@ -94,11 +121,36 @@ class S3TConfig:
         if isinstance(self.head_modules, str):
             self.head_modules = (self.head_modules,)
         self.head_modules = tuple(self.head_modules)
-        if not self.head_modules:
-            raise ValueError("head_modules must name at least one module")
+        if not self.head_modules and self.head != "frozen":
+            raise ValueError(f"head_modules must name at least one module when head={self.head!r} trains it")
+        if not isinstance(self.label_column, str) or not self.label_column:
+            raise ValueError(f"label_column must be a column name, got {self.label_column!r}")
+        if self.task == "causal_lm":
+            self._check_causal_lm()
         self._check_budget()
         self.deletion_prior = self._normalized_prior()
         self.layer_blocks = self._normalized_blocks()
+
+    def _check_causal_lm(self) -> None:
+        # Not supported: a causal LM's output head is usually tied to the input embeddings, so a
+        # head snapshot per stage would copy the whole vocabulary matrix (28M parameters for
+        # SmolLM2-135M) and leave the embeddings out of the base-model fingerprint. The LoRA
+        # blocks are what S3T slices; the head stays part of the frozen base model.
+        if self.head not in CAUSAL_LM_HEADS:
+            raise ValueError(
+                f"head must be one of {CAUSAL_LM_HEADS} for task='causal_lm', got {self.head!r}: the LM head "
+                "(usually tied to the input embeddings) stays frozen and only the LoRA blocks train"
+            )
+        if self.head_modules:
+            raise ValueError(
+                f"head_modules must be empty for task='causal_lm', got {self.head_modules!r}: the frozen LM head "
+                "is part of the base model, so there is nothing to snapshot"
+            )
+        if self.aggregation not in CAUSAL_LM_AGGREGATIONS:
+            raise ValueError(
+                f"aggregation must be one of {CAUSAL_LM_AGGREGATIONS} for task='causal_lm', got "
+                f"{self.aggregation!r}: shards serve the mean of their next-token probabilities"
+            )
 
     def _check_budget(self) -> None:
         slices = self.num_slices

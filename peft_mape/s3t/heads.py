@@ -4,6 +4,9 @@ The head is trained outside PEFT: PEFT's ``modules_to_save`` keeps one head copy
 allows only one active adapter, while serving a shard activates a whole prefix of stage adapters
 at once. Instead the live head parameters are overwritten from the snapshot that belongs to the
 served stage, which restores them bit for bit.
+
+No head modules (a causal LM whose tied output head stays frozen) means nothing to snapshot:
+every snapshot is empty and restoring one is a no-op.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class HeadSnapshots:
                 module = model.get_submodule(module_name)
                 for param_name, param in module.named_parameters():
                     self.parameters[f"{module_name}.{param_name}"] = param
-        if not self.parameters:
+        if head_modules and not self.parameters:
             raise ValueError(f"head modules {tuple(head_modules)} hold no parameters")
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -35,6 +38,8 @@ class HeadSnapshots:
         self.snapshots[key] = {name: p.detach().clone() for name, p in self.parameters.items()}
 
     def restore(self, key: str) -> None:
+        if not self.parameters:  # no head: a saved model has no snapshots to restore either
+            return
         if key not in self.snapshots:
             raise KeyError(f"no head snapshot {key!r}")
         with torch.no_grad():

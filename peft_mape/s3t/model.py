@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import persistence
 from .aggregation import aggregate, predictions
 from .blocks import block_lora_config, resolve_blocks
+from .causal_lm import S3TCausalLM, log_prob_sums, mixture_token_log_probs, store_answer_log_probs
 from .config import S3TConfig
 from .data import MODEL_INPUT_COLUMNS, ExampleStore
 from .heads import INITIAL, HeadSnapshots
@@ -35,8 +36,9 @@ StageCallback = Callable[[StageInfo, "S3TModel"], None]
 class S3TModel:
     """Exact unlearning by sharded, sliced LoRA training (SPEC §6).
 
-    ``model`` (e.g. a ``BertForSequenceClassification``) is adapted in place: its base weights
-    stay frozen and every stage adds its own LoRA adapter on one layer block.
+    ``model`` (e.g. a ``BertForSequenceClassification``, or a ``LlamaForCausalLM`` with
+    ``S3TConfig(task="causal_lm")``) is adapted in place: its base weights stay frozen and every
+    stage adds its own LoRA adapter on one layer block.
     """
 
     def __init__(self, model: nn.Module, config: S3TConfig):
@@ -241,37 +243,90 @@ class S3TModel:
 
     def predict_scores(self, data) -> torch.Tensor:
         """Aggregated (N, C) scores over live shards for a batch (mapping of tensors) or a Dataset."""
+        self._require_task("sequence_classification", "predict_scores")
         return aggregate(self._per_shard_logits(data), self.config.aggregation)
 
     def predict(self, data) -> torch.Tensor:
+        self._require_task("sequence_classification", "predict")
         return predictions(self._per_shard_logits(data), self.config.aggregation)
 
     def evaluate(self, dataset) -> float:
         """Accuracy on a labelled ``datasets.Dataset``."""
+        self._require_task("sequence_classification", "evaluate")
         labels = self._store_from(dataset, for_training=False).labels
         if labels is None:
             raise ValueError(f"the dataset needs a label column {self.config.label_column!r}")
         return float((self.predict(dataset) == labels).float().mean())
 
     def _per_shard_logits(self, data) -> list:
-        registry = self._require_fitted()
+        self._require_fitted()
         if isinstance(data, Mapping):
             inputs = self._model_inputs(data)
             batches = [(list(range(len(inputs["input_ids"]))), inputs)]
         else:
             batches = self._store_from(data, for_training=False).inference_batches(self.config.eval_batch_size)
-        live = [s for s in range(registry.num_shards) if registry.served_prefix(s)[1] > 0]
-        if not live:
-            raise RuntimeError("every shard has failed (no surviving prefix); call retrain_failed()")
         outputs = []
-        for shard in live:
-            self._serve(shard, *registry.served_prefix(shard))
+        for shard, order_index, depth in self._live_shards():
+            self._serve(shard, order_index, depth)
             logits = [self._forward(inputs) for _, inputs in batches]
             ordered = torch.empty(sum(len(rows) for rows, _ in batches), logits[0].shape[-1], dtype=logits[0].dtype)
             for (rows, _), chunk in zip(batches, logits):
                 ordered[rows] = chunk
             outputs.append(ordered)
         return outputs
+
+    # ------------------------------------------------------------------ causal LMs
+    def as_causal_lm(self) -> S3TCausalLM:
+        """The live shards as one causal LM (``nn.Module``): ``model(**batch).logits`` are the
+        log of the mean of the shards' next-token probabilities, and ``generate`` decodes greedily
+        from that mixture. It always serves the current prefixes, deletions included."""
+        self._require_task("causal_lm", "as_causal_lm")
+        self._require_fitted()
+        return S3TCausalLM(self)
+
+    def token_log_probs(self, batch: Mapping) -> torch.Tensor:
+        """[batch, length - 1]: log p(label_t | tokens < t) under the mixture of the live shards
+        for the scored labels (``config.label_column``, -100: not scored; right-padded batch), 0
+        elsewhere. Equals gathering ``as_causal_lm()(**batch).logits`` at the labels, without
+        forming any [batch, length, vocabulary] tensor."""
+        self._require_task("causal_lm", "token_log_probs")
+        self._require_fitted()
+        column = self.config.label_column
+        if column not in batch:
+            raise ValueError(f"the batch needs per-token labels {column!r}; got keys {sorted(batch)}")
+        return mixture_token_log_probs(self, [(self._model_inputs(batch), batch[column])])[0]
+
+    def answer_log_probs(self, data, *, reduction: str = "mean") -> torch.Tensor:
+        """Per example (float64, in order): the mean (or ``reduction="sum"``) over its scored
+        tokens of the mixture's log-probability — for question/answer rows labelled -100 on the
+        prompt, log P(answer | question) per answer token (or in total). ``data``: a right-padded
+        batch (mapping of tensors) or a ``datasets.Dataset`` (batched by length internally)."""
+        self._require_task("causal_lm", "answer_log_probs")
+        self._require_fitted()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be one of ('mean', 'sum'), got {reduction!r}")
+        if isinstance(data, Mapping):
+            return log_prob_sums(self.token_log_probs(data), data[self.config.label_column], reduction)
+        store = self._store_from(data, for_training=False)
+        if store.labels is None:
+            raise ValueError(f"the dataset needs per-token labels {self.config.label_column!r}")
+        return store_answer_log_probs(self, store, reduction)
+
+    def _require_task(self, task: str, method: str) -> None:
+        if self.config.task != task:
+            other = ("as_causal_lm(), token_log_probs() or answer_log_probs()" if task == "sequence_classification"
+                     else "predict(), predict_scores() or evaluate()")
+            raise ValueError(f"{method}() serves task={task!r}, but this S3TModel has task={self.config.task!r}; "
+                             f"use {other}")
+
+    def _live_shards(self) -> list:
+        """[(shard, order index, depth)] of every shard that still serves a prefix."""
+        registry = self._require_fitted()
+        live = [(s, *registry.served_prefix(s)) for s in range(registry.num_shards)]
+        live = [entry for entry in live if entry[2] > 0]
+        if not live:
+            raise RuntimeError("every shard has failed (no surviving prefix); call retrain_failed()")
+        return live
 
     def _live_prefix(self, shard: int) -> tuple:
         registry = self._require_fitted()
@@ -304,6 +359,7 @@ class S3TModel:
         return ExampleStore.from_dataset(
             dataset, id_column=self.config.id_column, label_column=self.config.label_column,
             pad_token_id=0 if pad is None else int(pad), require_ids=for_training, require_labels=for_training,
+            token_labels=self.config.task == "causal_lm",
         )
 
     def _require_fitted(self) -> ProvenanceRegistry:

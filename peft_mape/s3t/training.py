@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .causal_lm import causal_lm_loss
 from .config import S3TConfig
 from .data import ExampleStore
 
@@ -32,6 +33,8 @@ def train_stage(model: nn.Module, trainable: Sequence[nn.Parameter], store: Exam
     The caller seeds torch's global RNG (LoRA init, dropout); batch order uses its own generator.
     Not the unlearning loop (``peft_mape.common.loop``): a stage trains in train mode with
     AdamW and weight decay over epoch permutations of its own seed, which a rebuild must replay.
+    The loss is the cross-entropy of the class logits, or for ``task="causal_lm"`` each example's
+    mean answer-token cross-entropy averaged over the batch (:func:`causal_lm_loss`).
     """
     if not rows:
         return math.nan
@@ -46,7 +49,10 @@ def train_stage(model: nn.Module, trainable: Sequence[nn.Parameter], store: Exam
         for start in range(0, len(rows), config.batch_size):
             inputs, labels = store.batch([rows[i] for i in permutation[start:start + config.batch_size]])
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            loss = F.cross_entropy(model(**inputs).logits, labels.to(device))
+            if config.task == "causal_lm":
+                loss = causal_lm_loss(model, inputs, labels.to(device))
+            else:
+                loss = F.cross_entropy(model(**inputs).logits, labels.to(device))
             loss.backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
