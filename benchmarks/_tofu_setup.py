@@ -94,6 +94,44 @@ def _cache_key(tag: str, recipe: Recipe, dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def train_epochs(model, examples, tokenizer, recipe: Recipe, desc: str, *, progress: bool = True) -> dict:
+    """AdamW with linear warmup over whole epochs on the parameters of ``model`` that require grad.
+
+    The loss is the mean answer-token cross-entropy of each example, averaged over the batch
+    (``unlearn()``'s per-example loss). Leaves the model in eval mode with nothing trainable;
+    returns the training seconds, steps and the last epoch's mean loss.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(recipe.seed)
+    loader = make_loader(examples, recipe.batch_size, tokenizer.pad_token_id, shuffle=True, seed=recipe.seed)
+    total_steps = recipe.epochs * len(loader)
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(recipe.warmup_ratio * total_steps), total_steps)
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, mininterval=10)
+    start = time.perf_counter()
+    model.train()  # SmolLM2 has no dropout; train() so adapters' dropout (if any) acts as in training
+    losses = []
+    for _ in range(recipe.epochs):
+        for batch in loader:
+            token_lp = answer_token_log_probs(model, batch)
+            counts = (batch["labels"][:, 1:] != -100).sum(1)
+            loss = -(token_lp.sum(1) / counts).mean()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return {"seconds": time.perf_counter() - start, "examples": len(examples), "steps": total_steps,
+            "final_loss": sum(losses[-len(loader):]) / len(loader), "recipe": asdict(recipe),
+            "threads": torch.get_num_threads()}
+
+
 def fine_tune(records: list[dict], tokenizer, recipe: Recipe, tag: str, *, use_cache: bool = True,
               progress: bool = True):
     """Fine-tune SmolLM2 on ``records`` (cached); returns (model, metadata with the training seconds).
@@ -112,37 +150,9 @@ def fine_tune(records: list[dict], tokenizer, recipe: Recipe, tag: str, *, use_c
     prefixes = top_layer_names(model, recipe.train_layers)
     for name, param in model.named_parameters():
         param.requires_grad_(any(name.startswith(p) for p in prefixes))
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch.manual_seed(recipe.seed)
-    loader = make_loader(as_examples(dataset), recipe.batch_size, tokenizer.pad_token_id, shuffle=True,
-                         seed=recipe.seed)
-    total_steps = recipe.epochs * len(loader)
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(recipe.warmup_ratio * total_steps), total_steps)
-    bar = tqdm(total=total_steps, desc=f"fine-tune {tag}", disable=not progress, leave=False, mininterval=10)
-    start = time.perf_counter()
-    model.train()  # SmolLM2 has no dropout; train() only for form
-    losses = []
-    for _ in range(recipe.epochs):
-        for batch in loader:
-            token_lp = answer_token_log_probs(model, batch)
-            counts = (batch["labels"][:, 1:] != -100).sum(1)
-            loss = -(token_lp.sum(1) / counts).mean()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    seconds = time.perf_counter() - start
-    meta = {"tag": tag, "seconds": seconds, "examples": len(dataset), "steps": total_steps,
-            "final_loss": sum(losses[-len(loader):]) / len(loader), "recipe": asdict(recipe),
-            "threads": torch.get_num_threads(), "cached": False}
+    meta = dict(tag=tag, **train_epochs(model, as_examples(dataset), tokenizer, recipe, f"fine-tune {tag}",
+                                        progress=progress))
+    meta.update(cached=False)
     trained = {n: p.detach().contiguous() for n, p in model.named_parameters()
                if any(n.startswith(pre) for pre in prefixes)}
     cache.parent.mkdir(parents=True, exist_ok=True)
