@@ -14,6 +14,8 @@ python benchmarks/tweets.py --threads 2
 python benchmarks/tofu_mini.py --threads 2
 python benchmarks/s3t_tweets.py --train 2000 --epochs 2 --budgets 1,2 --deletions 0,1,4,16 --clock wall --threads 2
 python benchmarks/llmeraser_tweets.py --threads 2
+python benchmarks/llmeraser_tofu.py --threads 2
+python benchmarks/s3t_tofu.py --threads 2
 python benchmarks/memory.py --threads 2
 python benchmarks/gpu_scale.py --processes 1,2 --threads 2
 echo "all benchmarks done in $(( $(date +%s) - start )) s; tables and plots in benchmarks/results/"
