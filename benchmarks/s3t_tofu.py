@@ -27,13 +27,13 @@ cross-entropy, averaged over the batch; AdamW at a constant lr (S3T stages have 
 1e-3 / 4e-3 / 1e-2 / 2e-2 gave train-set answer probabilities 0.30 / 0.42 / 0.50 / 0.45 against
 0.25 / 0.25 / 0.23 / 0.17 on unseen authors; 5e-3 trades some memorisation for utility.
 
-Metrics: peft_mape.evaluation.tofu's functions (answer probability, truth ratio, ROUGE-L recall,
-forget quality = KS p-value of the forget truth ratios against (b)'s, model utility) on the same
-seeded subsets as ``benchmarks/tofu_mini.py``. The ensemble's answer log-probabilities come from
-``S3TModel.answer_log_probs`` (the log of the mean of the live shards' token probabilities,
-scored on answer tokens only) and its greedy answers from the library's ``greedy_generate`` on
-``S3TModel.as_causal_lm()`` (greedy decoding of the mixture): every row goes through the same
-two calls. Also reported: deletion latency (``delete()`` ms vs (b)'s retraining seconds),
+Metrics: ``tofu_mini.py``'s Evaluator (``peft_mape.evaluation.tofu.evaluate_splits``: answer
+probability, truth ratio, ROUGE-L recall; forget quality = KS p-value of the forget truth ratios
+against (b)'s; model utility) on the same seeded subsets, with ROUGE-L on every forget question.
+Every row is scored through ``S3TModel.as_causal_lm()``: the log of the mean of the live shards'
+token probabilities, and greedy decoding of that mixture. A consistency check compares
+``S3TModel.answer_log_probs`` (which scores answer tokens only) with the library's scorer on the
+wrapper. Also reported: deletion latency (``delete()`` ms vs (b)'s retraining seconds),
 storage (bytes written by ``S3TModel.save``), and an exactness check (after the deletion every
 live shard's logits equal, bit for bit, that shard's prefix recorded before it).
 
@@ -58,14 +58,13 @@ from transformers import AutoConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tofu_setup as setup  # noqa: E402
-from tofu_mini import subset, with_swapped_answers  # noqa: E402  (the same evaluation subsets)
+from tofu_mini import Evaluator, with_swapped_answers  # noqa: E402  (the same evaluation subsets)
 
 from peft_mape.common.causal_lm import (  # noqa: E402
-    answer_log_probs, build_qa_dataset, format_answer, format_prompt, greedy_generate, truncate_answer,
+    answer_log_probs, build_qa_dataset, format_answer, format_prompt,
 )
 from peft_mape.evaluation.tofu import (  # noqa: E402
-    SplitResult, answer_probability, normalised_answer_probability, rouge_l_recall, tofu_summary, truth_ratio,
-    truth_ratio_score,
+    tofu_summary,
 )
 from peft_mape.s3t import S3TConfig, S3TModel  # noqa: E402
 from peft_mape.s3t.blocks import split_layers  # noqa: E402
@@ -95,7 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--retain-eval", type=int, default=16, help="retain300 questions evaluated")
     p.add_argument("--authors-eval", type=int, default=40, help="real_authors questions evaluated")
     p.add_argument("--facts-eval", type=int, default=16, help="world_facts questions evaluated")
-    p.add_argument("--new-tokens", type=int, default=16, help="greedy answer length for ROUGE-L")
+    p.add_argument("--new-tokens", type=int, default=16,
+                   help="greedy answer length for ROUGE-L on real_authors / world_facts (forget and retain: "
+                   "--max-answer-tokens, as in tofu_mini.py)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--generation-batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="S3T seed and the author -> slice assignment")
@@ -156,41 +157,11 @@ def storage_bytes(s3t) -> int:
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def evaluation_sets(data, forget_records, args):
-    """name -> (records with perturbed answers, kind); perturbed forget/retain answers are the
-    neighbouring answers in the *full* split, as in tofu_mini.py."""
-    return {
-        "forget": (with_swapped_answers(forget_records), "forget"),
-        "retain": (subset(with_swapped_answers(data["retain300"]), args.retain_eval, args.seed), "retain"),
-        "real_authors": (subset(data["real_authors"], args.authors_eval, args.seed), "facts"),
-        "world_facts": (subset(data["world_facts"], args.facts_eval, args.seed), "facts"),
-    }
-
-
-def evaluate(s3t, tokenizer, sets, args) -> dict:
-    """SplitResult per split: what ``evaluate_split`` computes, with the mixture's log-probs."""
-    lm = s3t.as_causal_lm()
-    prompts = [format_prompt(r["question"], tokenizer, TEMPLATE) for records, _ in sets.values() for r in records]
-    generations = iter(greedy_generate(lm, tokenizer, prompts, max_new_tokens=args.new_tokens,
-                                       batch_size=args.generation_batch_size))
-    results = {}
-    for name, (records, kind) in sets.items():
-        questions, answers = [r["question"] for r in records], [r["answer"] for r in records]
-        perturbed = [list(r["perturbed_answer"]) for r in records]
-        n, k = len(records), len(perturbed[0])
-        pairs = build_qa_dataset(tokenizer, questions + [q for q, alts in zip(questions, perturbed) for _ in alts],
-                                 answers + [a for alts in perturbed for a in alts], template=TEMPLATE,
-                                 max_length=args.max_length, max_answer_tokens=args.max_answer_tokens)
-        lp = s3t.answer_log_probs(pairs).numpy()
-        correct, wrong = lp[:n], lp[n:].reshape(n, k)
-        probs = normalised_answer_probability(correct, wrong) if kind == "facts" else answer_probability(correct)
-        ratios = truth_ratio(correct, wrong)
-        generated = [next(generations) for _ in range(n)]
-        rouge = rouge_l_recall(generated, [truncate_answer(tokenizer, a, args.max_answer_tokens) for a in answers])
-        results[name] = SplitResult(name=name, kind=kind, probability=float(probs.mean()), rouge_l=float(rouge.mean()),
-                                    truth_ratio=truth_ratio_score(ratios, kind), probabilities=probs, rouge=rouge,
-                                    ratios=ratios, generations=generated)
-    return results
+def evaluator(tokenizer, data, num_forget, args) -> Evaluator:
+    """tofu_mini.py's TOFU metrics on the same seeded subsets, ROUGE-L on every forget question;
+    S3T rows are scored through ``S3TModel.as_causal_lm()``, the live shards' mixture."""
+    settings = argparse.Namespace(**vars(args), forget_rouge=num_forget, facts_new_tokens=args.new_tokens)
+    return Evaluator(tokenizer, settings, data)
 
 
 def library_agreement(s3t, tokenizer, records, args) -> float:
@@ -234,7 +205,8 @@ def run(args) -> dict:
     num_layers = AutoConfig.from_pretrained(setup.assets.smollm_checkpoint()).num_hidden_layers
     slots = assign_balanced(sorted(set(authors)), args.shards, args.slices, args.seed)  # author -> (shard, slice)
     assignment = {i: slots[a] for i, a in enumerate(authors)}
-    sets = evaluation_sets(data, [records[i] for i in deleted], args)
+    forget_records = with_swapped_answers([records[i] for i in deleted])
+    metrics = evaluator(tokenizer, data, len(forget_records), args)
     erased_authors = sorted({authors[i] for i in deleted})
     print(f"{len(records)} training questions of {len(set(authors))} authors; erasing {len(deleted)} questions of "
           f"authors {erased_authors} at (shard, slice) {[slots[a] for a in erased_authors]}", flush=True)
@@ -242,7 +214,7 @@ def run(args) -> dict:
 
     def add(label, s3t, seconds, **extra):
         t = time.perf_counter()
-        evaluations[label] = evaluate(s3t, tokenizer, sets, args)
+        evaluations[label] = metrics.evaluate(s3t.as_causal_lm(), forget_records)
         rows.append({"method": label, "train_seconds": seconds, "storage_bytes": storage_bytes(s3t),
                      "served": {str(k): v for k, v in s3t.served_prefixes().items()},
                      "eval_seconds": time.perf_counter() - t, **extra})
@@ -250,7 +222,7 @@ def run(args) -> dict:
 
     single = s3t_config(args, 1, 1, 1, num_layers)
     full, seconds = train("full", single, dataset, {i: (0, 0) for i in range(len(records))})
-    agreement = library_agreement(full, tokenizer, sets["forget"][0], args)
+    agreement = library_agreement(full, tokenizer, forget_records, args)
     add("(a) one LoRA, all data", full, seconds)
     del full
     gold, gold_seconds = train("gold", single, dataset.select(kept), {i: (0, 0) for i in kept})
@@ -291,7 +263,8 @@ def run(args) -> dict:
         row["splits"] = {k: v.to_dict() for k, v in splits.items()}
     return {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "threads": args.threads, "num_train": len(records), "num_authors": len(set(authors)),
-            "num_eval": {k: len(v[0]) for k, v in sets.items()}, "library_scoring_max_abs_diff": agreement,
+            "num_eval": {k: len(v) for k, v in [("forget", forget_records)] + [
+                (name, records) for name, (records, _) in metrics.utility_sets.items()]}, "library_scoring_max_abs_diff": agreement,
             "deletion": deletion, "rows": rows, "total_seconds": time.perf_counter() - start}
 
 
