@@ -57,6 +57,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tofu_setup as setup  # noqa: E402
+from llmeraser_tweets import gap_closed  # noqa: E402
 from tofu_mini import Evaluator, with_swapped_answers  # noqa: E402
 
 from mape_devkit import assets  # noqa: E402
@@ -147,11 +148,10 @@ def lora_config(model, args):
                       layers_to_transform=list(range(n - args.layers, n)))
 
 
-def trained_adapter(tag, records, tokenizer, recipe, args):
-    """(PEFT LoRA model, training seconds) for ``records``: fine-tuned once, then cached."""
+def trained_adapter(tag, dataset, tokenizer, recipe, args):
+    """(PEFT LoRA model, training seconds) for a ``qa_dataset``: fine-tuned once, then cached."""
     from peft import PeftModel, get_peft_model
 
-    dataset = setup.qa_dataset(tokenizer, records, recipe)
     key = hashlib.sha256(json.dumps([tag, asdict(recipe), args.rank, args.layers, dataset.to_dict()["input_ids"],
                                      dataset.to_dict()["labels"]]).encode()).hexdigest()[:16]
     folder = assets.cache_dir() / "tofu_lora" / f"{tag}-{key}"
@@ -166,9 +166,9 @@ def trained_adapter(tag, records, tokenizer, recipe, args):
     return model, meta["seconds"]
 
 
-def tune(model, examples, tokenizer, lr, *, ascent=(), retain=None, seed=0, batch_size=4):
-    """One epoch of AdamW on the adapter: descent on ``examples``, ascent on ``ascent`` instead
-    when given (plus descent on as many ``retain`` batches for GradDiff); returns the seconds."""
+def tune(model, examples, tokenizer, lr, *, ascent=False, retain=None, seed=0, batch_size=4):
+    """One epoch of AdamW on the adapter over ``examples``: descent, or ``ascent`` (plus descent
+    on as many ``retain`` batches for GradDiff); returns the seconds."""
     from peft_mape.common.data import default_per_example_loss
 
     params = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -176,7 +176,7 @@ def tune(model, examples, tokenizer, lr, *, ascent=(), retain=None, seed=0, batc
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id
-    main = make_loader(ascent or examples, batch_size, pad, shuffle=True, seed=seed)
+    main = make_loader(examples, batch_size, pad, shuffle=True, seed=seed)
     paired = iter(make_loader(retain, batch_size, pad, shuffle=True, seed=seed)) if retain else None
     start = time.perf_counter()
     model.eval()  # LoRA dropout is 0 here; eval keeps the base as it serves
@@ -210,10 +210,6 @@ def mape_row(merged, forget, retain, holdout, row, args):
               time.perf_counter() - start, "gold-IR")
     out["unlearn_report"] = {k: run.report.get(k) for k in ("steps", "stopped_early", "seconds", "warnings",
                                                             "num_selected_heads", "num_selected_filters")}
-
-
-def gap_closed(value, start, gold):
-    return (value - start) / (gold - start) if abs(gold - start) > 1e-9 else None
 
 
 def markdown(args, rows, meta) -> str:
@@ -291,8 +287,8 @@ def main(argv=None):
     rc_wrong = [corrupted_retain[i]["answer"] for i in edited["rc"]]
     qm_clean = [retain[i]["question"] for i in edited["qm"]]
     qm_answers = [retain[i]["answer"] for i in edited["qm"]]
-    examples = {tag: setup.as_examples(setup.qa_dataset(tokenizer, records, recipe)) for tag, records in sets.items()}
-    adapters = {tag: trained_adapter(tag, records, tokenizer, recipe, args) for tag, records in sets.items()}
+    datasets = {tag: setup.qa_dataset(tokenizer, records, recipe) for tag, records in sets.items()}
+    adapters = {tag: trained_adapter(tag, dataset, tokenizer, recipe, args) for tag, dataset in datasets.items()}
     gold_ratios = evaluator.evaluate(adapters["gold-IR"][0], forget_eval, utility=False)["forget"].ratios
 
     def ex(records):
@@ -301,7 +297,8 @@ def main(argv=None):
     f01_examples = ex(forget_eval)
     rc_old, rc_new = ex([corrupted_retain[i] for i in edited["rc"]]), ex([retain[i] for i in edited["rc"]])
     qm_old, qm_new = ex([corrupted_retain[i] for i in edited["qm"]]), ex([retain[i] for i in edited["qm"]])
-    others = [e for e in examples["gold-IR"]]  # the training set less forget01: GradDiff's and MAPE's retain
+    train = setup.as_examples(datasets["corrupted"])
+    others = setup.as_examples(datasets["gold-IR"])  # the training set less forget01: GradDiff's and MAPE's retain
     rows, reference = [], {}
     resumed = {}
     if args.resume:  # rows a stopped run printed (one JSON object per line): kept, not measured again
@@ -346,7 +343,6 @@ def main(argv=None):
     def fresh():
         return copy.deepcopy(adapters["corrupted"][0])
 
-    train = examples["corrupted"]
     # the defaults, except in a smoke run, which only checks that every path runs
     erase_options = {"hessian_examples": 8, "check_examples": 16, "solver_steps": 2} if args.quick else {}
     for request, gold, make in (("IR", "gold-IR", lambda: InstanceRemoval(f01_examples)),
@@ -359,12 +355,12 @@ def main(argv=None):
         row(request, "erase() defaults", model, sum(report.seconds.values()), gold, report)
     if pending("IR", "gradient ascent, 1 epoch"):
         model = fresh()
-        row("IR", "gradient ascent, 1 epoch", model, tune(model, [], tokenizer, args.lr, ascent=f01_examples),
+        row("IR", "gradient ascent, 1 epoch", model, tune(model, f01_examples, tokenizer, args.lr, ascent=True),
             "gold-IR")
     if pending("IR", "GradDiff on the adapter, 1 epoch"):
         model = fresh()
         row("IR", "GradDiff on the adapter, 1 epoch", model,
-            tune(model, [], tokenizer, args.lr, ascent=f01_examples, retain=others), "gold-IR")
+            tune(model, f01_examples, tokenizer, args.lr, ascent=True, retain=others), "gold-IR")
     if args.skip_mape:
         rows.append({"request": "IR", "method": args.skip_mape, "skipped": True})
     else:
