@@ -40,7 +40,13 @@ from peft_mape.llmeraser import InstanceRemoval, ResponseCorrection, erase  # no
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # erase() settings compared with its defaults in the committed table: how sensitive the edit is
-SENSITIVITY = '[{"damping_ratio": 0.1}, {"damping_ratio": 1.0}, {"solver_steps": 2}, {"curvature": "hessian"}]'
+# and with the K-FAC curvature (one pass over a larger sample instead of CG iterations)
+SENSITIVITY = json.dumps([
+    {"damping_ratio": 0.1}, {"damping_ratio": 1.0}, {"solver_steps": 2}, {"curvature": "hessian"},
+    {"curvature": "kfac"}, {"curvature": "kfac", "damping_ratio": 0.001},
+    {"curvature": "kfac", "damping_ratio": 0.001, "retain_tolerance": 0.05},
+    {"curvature": "kfac", "damping_ratio": 0.001, "retain_tolerance": 0.05, "hessian_examples": 256},
+])
 
 
 def parse_args():

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..common.distributed import is_main_process
 from .shared import CLIError, check_files, load_inputs
 
-CURVATURE_CHOICES = ("gauss-newton", "hessian")
+CURVATURE_CHOICES = ("gauss-newton", "hessian", "kfac")
 SOLVER_CHOICES = ("cg", "adam")
 
 
@@ -41,8 +41,8 @@ def add_edit_command(commands, data) -> None:
                    help="curvature matrix (default: %(default)s)")
     p.add_argument("--solver", choices=SOLVER_CHOICES, default="cg", help="linear solver (default: %(default)s)")
     p.add_argument("--solver-steps", type=int, metavar="N", help="solver iterations (default: 10 CG, 100 Adam)")
-    p.add_argument("--hessian-examples", type=int, default=64, metavar="N",
-                   help="training examples behind the curvature (default: %(default)s)")
+    p.add_argument("--hessian-examples", type=int, metavar="N",
+                   help="training examples behind the curvature (default: 64, 512 for kfac)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the training sample (default: %(default)s)")
     p.add_argument("--request-id", metavar="ID", help="an identifier recorded in the audit report")
     p.set_defaults(handler=cmd_edit)

@@ -32,7 +32,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ..common.data import default_per_example_loss, per_example_losses, to_device
+from ..common.data import default_per_example_loss, forward_with_losses, per_example_losses, to_device
 from ..common.distributed import RowShard, refuse_sharded, sum_across, sum_count
 from ..common.modes import eval_mode
 
@@ -73,6 +73,35 @@ def gradient_sum(model, params: Sequence[torch.Tensor], loader, loss_fn=None, *,
                     total.add_(grad)
     sum_across(totals)
     return totals
+
+
+def gradient_difference_sum(model, params: Sequence[torch.Tensor], loader, new_loader, loss_fn=None, *, device,
+                            desc="gradient difference", progress=True) -> tuple[Vector, float, float]:
+    """Sum over aligned pairs of d [loss(old) - loss(new)] / d param (dropout off, fp32 or wider),
+    where ``loader`` and ``new_loader`` yield the same inputs batch for batch and differ only in
+    their labels (a response correction of a classifier): one forward and one backward pass per
+    pair instead of two of each. Also the mean old and new losses, which that forward measured."""
+    refuse_sharded(model, "a gradient sum")
+    totals = [torch.zeros_like(p, dtype=accumulator_dtype(p)) for p in params]
+    loss_of = loss_fn or default_per_example_loss
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    with eval_mode(model):
+        for batch, new_batch in tqdm(zip(RowShard(loader), RowShard(new_loader)), desc=desc, disable=not progress,
+                                     leave=False):
+            batch, new_labels = to_device(batch, device), new_batch["labels"].to(device)
+            outputs, old_losses = forward_with_losses(model, batch, loss_fn)
+            new_losses = loss_of(outputs, dict(batch, labels=new_labels))
+            if not torch.isfinite(new_losses).all():
+                raise FloatingPointError("non-finite loss (NaN or inf) on a corrected example")
+            difference = old_losses.sum() - new_losses.sum()
+            for total, grad in zip(totals, torch.autograd.grad(difference, params, allow_unused=True)):
+                if grad is not None:
+                    total.add_(grad)
+            sums += torch.tensor([float(old_losses.detach().sum()), float(new_losses.detach().sum()),
+                                  old_losses.shape[0]], dtype=torch.float64, device=device)
+    sum_across(totals + [sums])
+    count = max(float(sums[2]), 1.0)
+    return totals, float(sums[0]) / count, float(sums[1]) / count
 
 
 def hessian_vector_product(model, params: Sequence[torch.Tensor], batches, vector: Vector, loss_fn=None, *,
