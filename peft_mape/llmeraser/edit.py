@@ -258,10 +258,10 @@ def erase(model, request, train, **options: Any) -> EditReport:
                 else:
                     rhs = gradient_sum(model, params, make_loader(old, opts.batch_size, pad), opts.loss_fn,
                                        device=device, desc="removed / old gradients", progress=progress)
-                if new and not paired:
-                    desired = gradient_sum(model, params, make_loader(new, opts.batch_size, pad), opts.loss_fn,
-                                           device=device, desc="new gradients", progress=progress)
-                    rhs = [r - d for r, d in zip(rhs, desired)]
+                    if new:
+                        desired = gradient_sum(model, params, make_loader(new, opts.batch_size, pad), opts.loss_fn,
+                                               device=device, desc="new gradients", progress=progress)
+                        rhs = [r - d for r, d in zip(rhs, desired)]
             with timer.phase("solve"):
                 solve = _kfac_solve if opts.curvature == "kfac" else _matrix_free_solve
                 solution, dampings, rule, quadratic = solve(model, params, rhs, hessian_batches, opts, device,
@@ -296,22 +296,26 @@ def erase(model, request, train, **options: Any) -> EditReport:
     )
 
 
-def _damping(model, params, rhs, hessian_batches, opts: EraseOptions, device) -> tuple[float, str]:
+def _damping(rhs, opts: EraseOptions, quadratic, matrix: str = "H") -> tuple[float, str]:
+    """The damping: given, or ``damping_ratio`` x |b^T M b / b^T b| for ``quadratic(v) = v^T M v``."""
     if not isinstance(opts.damping, str):
         return float(opts.damping), "given"
     norm_sq = _dot(rhs, rhs)
     if norm_sq == 0:
         return 0.0, "auto: b = 0"
-    product = CURVATURES[opts.curvature](model, params, hessian_batches, rhs, opts.loss_fn, device=device)
-    curvature = _dot(rhs, product) / norm_sq
+    curvature = quadratic(rhs) / norm_sq
     # Along b the Hessian can be flat or negative away from a minimum; the magnitude still says
     # which scale of curvature the edit meets.
     damping = opts.damping_ratio * max(abs(curvature), 1e-12)
-    return damping, f"auto: {opts.damping_ratio} x |b^T H b / b^T b| = {opts.damping_ratio} x {abs(curvature):.4g}"
+    return damping, (f"auto: {opts.damping_ratio} x |b^T {matrix} b / b^T b| = {opts.damping_ratio} x "
+                     f"{abs(curvature):.4g}")
 
 
 def _matrix_free_solve(model, params, rhs, hessian_batches, opts: EraseOptions, device, progress):
-    damping, rule = _damping(model, params, rhs, hessian_batches, opts, device)
+    def quadratic(v):
+        return _dot(v, CURVATURES[opts.curvature](model, params, hessian_batches, v, opts.loss_fn, device=device))
+
+    damping, rule = _damping(rhs, opts, quadratic)
     dampings = []
     for _ in range(opts.damping_retries + 1):
         dampings.append(damping)
@@ -328,23 +332,17 @@ def _matrix_free_solve(model, params, rhs, hessian_batches, opts: EraseOptions, 
 
 def _kfac_solve(model, params, rhs, hessian_batches, opts: EraseOptions, device, progress):
     curvature = KFACCurvature(model, params, hessian_batches, device=device, seed=opts.seed, progress=progress)
-    if isinstance(opts.damping, str):
-        norm_sq = _dot(rhs, rhs)
-        along = curvature.quadratic(rhs) / norm_sq if norm_sq > 0 else 0.0
-        damping = opts.damping_ratio * max(along, 1e-12)
-        rule = f"auto: {opts.damping_ratio} x b^T K b / b^T b = {opts.damping_ratio} x {along:.4g} (K: EK-FAC)"
-    else:
-        damping, rule = float(opts.damping), "given"
+    damping, rule = _damping(rhs, opts, curvature.quadratic, matrix="K (EK-FAC)")
     # Exact for the K-FAC matrix, so its own residual is 0; how far K is from H shows in the
     # step's linearisation ratio.
     return InfluenceSolution(curvature.solve(rhs, damping), 0, 0.0), [damping], rule, curvature.quadratic
 
 
-def _first_scale(direction, budget_rise: Optional[float], quadratic) -> float:
+def _first_scale(direction, budget_rise: float, quadratic) -> float:
     """Where the halving starts: 1, or, when the curvature's quadratic form is free (K-FAC), twice
     the scale at which the training loss's quadratic model 1/2 s^2 d^T K d reaches the budget
     (rounded up to a power of two): the scales far above it would only be tried and refused."""
-    if quadratic is None or budget_rise is None:
+    if quadratic is None:
         return 1.0
     curved = quadratic(direction)
     if not curved > 0:

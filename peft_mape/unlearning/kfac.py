@@ -120,8 +120,7 @@ class KFACCurvature:
     def __init__(self, model, params: Sequence[torch.Tensor], batches, *, device, correct_eigenvalues: bool = True,
                  seed: int = 0, progress: bool = True):
         refuse_sharded(model, "the K-FAC curvature")
-        self.params = list(params)
-        self.blocks = linear_blocks(model, self.params)
+        self.blocks = linear_blocks(model, list(params))
         batches = list(batches)
         if not batches:
             raise ValueError("the K-FAC curvature needs a non-empty sample")
@@ -135,10 +134,10 @@ class KFACCurvature:
                 block.eigenvalues = torch.outer(values_out.clamp(min=0), values_in.clamp(min=0))
             if correct_eigenvalues:
                 self._correct(model, batches[split:] or batches, device, generator, progress)
-        self.num_examples = sum(len(next(iter(b.values()))) for b in batches)
 
     def _passes(self, model, batches, device, generator, progress, desc):
-        """Yield (block, inputs a [.., in(+1)], output gradients g [.., out], token mask) per block
+        """Yield (block index, block, inputs a [.., in(+1)], output gradients g [.., out], token mask
+        or None) per block
         and batch: one forward pass with sampled labels and one backward to the modules' outputs."""
         captured = {}
 
@@ -171,25 +170,25 @@ class KFACCurvature:
         inputs = [torch.zeros(2 * (b.module.in_features + (b.bias_index is not None),), dtype=torch.float64,
                               device=device) for b in self.blocks]
         grads = [torch.zeros(2 * (b.module.out_features,), dtype=torch.float64, device=device) for b in self.blocks]
-        positions = [0] * len(self.blocks)
-        examples = 0
+        # positions each block saw, then the examples: summed over the ranks with the factors
+        counts = torch.zeros(len(self.blocks) + 1, dtype=torch.float64, device=device)
         for i, block, a, g, tokens in self._passes(model, batches, device, generator, progress, "K-FAC factors"):
             if i == 0:
-                examples += a.shape[0]
+                counts[-1] += a.shape[0]
             if tokens is not None:
                 keep = tokens.bool()
                 a, g = a[keep], g[keep]
             a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
             inputs[i] += a.T @ a
             grads[i] += g.T @ g
-            positions[i] += a.shape[0]
-        sum_across(inputs + grads)
-        examples = max(sum_count(examples), 1)
+            counts[i] += a.shape[0]
+        sum_across(inputs + grads + [counts])
+        counts = counts.clamp(min=1)
         for i, block in enumerate(self.blocks):
             # K-FAC "expand" scaling: inputs averaged over positions, gradients summed over an
             # example's positions and averaged over examples, so A (x) G is a per-example moment.
-            block.inputs_cov = inputs[i] / max(sum_count(positions[i]), 1)
-            block.grads_cov = grads[i] / examples
+            block.inputs_cov = inputs[i] / counts[i]
+            block.grads_cov = grads[i] / counts[-1]
 
     def _correct(self, model, batches, device, generator, progress):
         sums = [torch.zeros_like(block.eigenvalues) for block in self.blocks]
